@@ -1,0 +1,501 @@
+//! Typed configuration: a TOML file (`ROOMCAST_CONFIG`) plus environment overrides,
+//! validated before any port is bound. Every default is written next to its field and
+//! restated in `docs/configuration.md`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Why a configuration was refused.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("invalid config file {path}: {source}")]
+    Parse { path: String, source: Box<toml::de::Error> },
+    #[error("environment variable {var}: {message}")]
+    Env { var: &'static str, message: String },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field: field.into(), message: message.into() }
+}
+
+/// Who may publish into a namespace's rooms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishRule {
+    /// Connections subscribed to the room.
+    Subscribers,
+    /// Any connection with a user (token `sub` not empty).
+    Authenticated,
+    /// Nobody but backends.
+    None,
+}
+
+/// Who may subscribe to a namespace's rooms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscribeRule {
+    Public,
+    Authenticated,
+    /// A subscription token for the room, or the connection token's `rooms` claim.
+    Token,
+    /// `ns:ID` only for the connection whose user is `ID`.
+    User,
+}
+
+/// Options of one namespace (spec section 3).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NamespaceConfig {
+    /// Publications kept per room; 0 turns history (and recovery) off. Default 100.
+    pub history_size: usize,
+    /// How long each publication is kept, e.g. "300s", "5m". Default 300 s.
+    #[serde(with = "duration")]
+    pub history_ttl: Duration,
+    /// Whether `presence`/`presence_stats` are served. Default true.
+    pub presence: bool,
+    /// Whether `join`/`leave` pushes are sent. Default true.
+    pub join_leave: bool,
+    /// Default "subscribers".
+    pub publish: PublishRule,
+    /// Default "public".
+    pub subscribe: SubscribeRule,
+    /// The most publications one recovery returns. Default 100.
+    pub recover_max: usize,
+}
+
+impl Default for NamespaceConfig {
+    fn default() -> Self {
+        NamespaceConfig {
+            history_size: 100,
+            history_ttl: Duration::from_secs(300),
+            presence: true,
+            join_leave: true,
+            publish: PublishRule::Subscribers,
+            subscribe: SubscribeRule::Public,
+            recover_max: 100,
+        }
+    }
+}
+
+impl NamespaceConfig {
+    /// Whether rooms of this namespace keep history.
+    pub fn history_enabled(&self) -> bool {
+        self.history_size > 0 && !self.history_ttl.is_zero()
+    }
+}
+
+/// The node's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on. Env `ROOMCAST_LISTEN`. Default "127.0.0.1:8000".
+    pub listen: String,
+    /// This node's id in the cluster. Env `ROOMCAST_NODE_ID`. Default: random.
+    pub node_id: Option<String>,
+    /// "memory" (default), or a `redis://` / `nats://` URL. Env `ROOMCAST_BROKER`.
+    pub broker: String,
+    /// Presence storage; defaults to the broker. Env `ROOMCAST_PRESENCE`.
+    pub presence: Option<String>,
+    /// WebSocket path. Default "/ws".
+    pub ws_path: String,
+    /// Negotiate permessage-deflate when clients offer it. Env `ROOMCAST_COMPRESSION`.
+    /// Default true.
+    pub compression: bool,
+    /// Messages smaller than this many bytes are sent uncompressed. Default 256.
+    pub compression_min_size: usize,
+    /// Largest message accepted from a client, after reassembly and decompression
+    /// (larger: close 4008). Default 131072 (128 KiB).
+    pub max_message_size: usize,
+    /// Largest `data` of a publication (larger: error 106). Default 65536 (64 KiB).
+    pub max_data_size: usize,
+    /// Bound of one connection's outbound queue in bytes; a client that lets it fill is
+    /// closed with 4003. Env `ROOMCAST_MAX_QUEUE_BYTES`. Default 1048576 (1 MiB).
+    pub max_queue_bytes: usize,
+    /// Interval between node pings. Env `ROOMCAST_PING_MS`. Default 25000.
+    pub ping_ms: u64,
+    /// Time a client has to answer a ping (else 4006). Env `ROOMCAST_PONG_TIMEOUT_MS`.
+    /// Default 10000.
+    pub pong_timeout_ms: u64,
+    /// Time a connection has to send `connect` (else 4005).
+    /// Env `ROOMCAST_HANDSHAKE_TIMEOUT_MS`. Default 10000.
+    pub handshake_timeout_ms: u64,
+    /// On shutdown, how long connections get to close before the process exits.
+    /// Env `ROOMCAST_SHUTDOWN_GRACE_MS`. Default 10000.
+    pub shutdown_grace_ms: u64,
+    /// Whether connections without a token are accepted (user ""). Default true.
+    pub allow_anonymous: bool,
+    /// Most rooms one connection may subscribe to (more: error 106). Default 512.
+    pub max_subscriptions: usize,
+    /// Most members a `presence` reply lists (more: error 106). Default 1000.
+    pub max_presence_members: usize,
+    /// Options of rooms without a namespace.
+    pub default_namespace: NamespaceConfig,
+    /// Named namespaces: `[namespaces.chat]` configures rooms `chat:*`.
+    pub namespaces: BTreeMap<String, NamespaceConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8000".into(),
+            node_id: None,
+            broker: "memory".into(),
+            presence: None,
+            ws_path: "/ws".into(),
+            compression: true,
+            compression_min_size: 256,
+            max_message_size: 128 * 1024,
+            max_data_size: 64 * 1024,
+            max_queue_bytes: 1024 * 1024,
+            ping_ms: 25_000,
+            pong_timeout_ms: 10_000,
+            handshake_timeout_ms: 10_000,
+            shutdown_grace_ms: 10_000,
+            allow_anonymous: true,
+            max_subscriptions: 512,
+            max_presence_members: 1000,
+            default_namespace: NamespaceConfig::default(),
+            namespaces: BTreeMap::new(),
+        }
+    }
+}
+
+/// A source of environment variables (the process environment, or a map in tests).
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl Env for BTreeMap<&str, &str> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.get(name).map(|s| s.to_string())
+    }
+}
+
+impl Config {
+    /// Parses TOML text.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.into(), source: Box::new(e) })
+    }
+
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Loads the configuration: the file named by `ROOMCAST_CONFIG` (or `file`), then
+    /// environment overrides, then validation.
+    pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Config, ConfigError> {
+        let from_env = env.var("ROOMCAST_CONFIG");
+        let path = file.map(Path::to_path_buf).or(from_env.map(Into::into));
+        let mut cfg = match path {
+            Some(p) => Self::from_file(&p)?,
+            None => Config::default(),
+        };
+        cfg.apply_env(env)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Applies the `ROOMCAST_*` environment overrides.
+    pub fn apply_env(&mut self, env: &dyn Env) -> Result<(), ConfigError> {
+        fn num<T: std::str::FromStr>(
+            env: &dyn Env,
+            var: &'static str,
+            into: &mut T,
+        ) -> Result<(), ConfigError> {
+            if let Some(v) = env.var(var) {
+                *into = v
+                    .trim()
+                    .parse()
+                    .map_err(|_| ConfigError::Env { var, message: format!("not a number: {v:?}") })?;
+            }
+            Ok(())
+        }
+        if let Some(v) = env.var("ROOMCAST_LISTEN") {
+            self.listen = v;
+        }
+        if let Some(v) = env.var("ROOMCAST_NODE_ID") {
+            self.node_id = Some(v);
+        }
+        if let Some(v) = env.var("ROOMCAST_BROKER") {
+            self.broker = v;
+        }
+        if let Some(v) = env.var("ROOMCAST_PRESENCE") {
+            self.presence = Some(v);
+        }
+        if let Some(v) = env.var("ROOMCAST_COMPRESSION") {
+            self.compression = match v.trim() {
+                "1" | "true" | "on" | "yes" => true,
+                "0" | "false" | "off" | "no" => false,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: "ROOMCAST_COMPRESSION",
+                        message: format!("expected true or false, got {v:?}"),
+                    });
+                }
+            };
+        }
+        num(env, "ROOMCAST_MAX_QUEUE_BYTES", &mut self.max_queue_bytes)?;
+        num(env, "ROOMCAST_PING_MS", &mut self.ping_ms)?;
+        num(env, "ROOMCAST_PONG_TIMEOUT_MS", &mut self.pong_timeout_ms)?;
+        num(env, "ROOMCAST_HANDSHAKE_TIMEOUT_MS", &mut self.handshake_timeout_ms)?;
+        num(env, "ROOMCAST_SHUTDOWN_GRACE_MS", &mut self.shutdown_grace_ms)?;
+        Ok(())
+    }
+
+    /// Checks every value; run before binding.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        if let Some(id) = &self.node_id {
+            if id.is_empty()
+                || id.len() > 64
+                || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                return Err(invalid("node_id", "1 to 64 characters of A-Z a-z 0-9 - _ ."));
+            }
+        }
+        BackendUrl::parse("broker", &self.broker)?;
+        if let Some(p) = &self.presence {
+            BackendUrl::parse("presence", p)?;
+        }
+        if !self.ws_path.starts_with('/') || self.ws_path.contains(' ') {
+            return Err(invalid("ws_path", "must start with '/'"));
+        }
+        if self.ws_path.starts_with("/api")
+            || ["/healthz", "/readyz", "/metrics"].contains(&self.ws_path.as_str())
+        {
+            return Err(invalid("ws_path", "collides with a built-in route"));
+        }
+        let positive = [
+            ("max_message_size", self.max_message_size as u64),
+            ("max_data_size", self.max_data_size as u64),
+            ("max_queue_bytes", self.max_queue_bytes as u64),
+            ("ping_ms", self.ping_ms),
+            ("pong_timeout_ms", self.pong_timeout_ms),
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
+            ("max_subscriptions", self.max_subscriptions as u64),
+            ("max_presence_members", self.max_presence_members as u64),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err(invalid(field, "must be greater than 0"));
+            }
+        }
+        if self.max_message_size > 64 * 1024 * 1024 {
+            return Err(invalid("max_message_size", "must be at most 64 MiB"));
+        }
+        if self.max_data_size > self.max_message_size {
+            return Err(invalid("max_data_size", "must not exceed max_message_size"));
+        }
+        if self.max_queue_bytes < self.max_message_size {
+            return Err(invalid("max_queue_bytes", "must be at least max_message_size"));
+        }
+        validate_namespace("default_namespace", &self.default_namespace)?;
+        for (name, ns) in &self.namespaces {
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-@=,/".contains(&b))
+            {
+                return Err(invalid(
+                    format!("namespaces.{name}"),
+                    "a namespace name is 1 or more of A-Z a-z 0-9 . _ - @ = , / (no ':')",
+                ));
+            }
+            validate_namespace(&format!("namespaces.{name}"), ns)?;
+        }
+        Ok(())
+    }
+
+    /// The listen address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen
+            .parse()
+            .map_err(|_| invalid("listen", format!("not a host:port address: {:?}", self.listen)))
+    }
+
+    /// The broker to use.
+    pub fn broker_url(&self) -> Result<BackendUrl, ConfigError> {
+        BackendUrl::parse("broker", &self.broker)
+    }
+
+    /// The presence storage to use (the broker's unless set).
+    pub fn presence_url(&self) -> Result<BackendUrl, ConfigError> {
+        BackendUrl::parse("presence", self.presence.as_deref().unwrap_or(&self.broker))
+    }
+
+    /// The options of a room's namespace, or `None` when the namespace is not configured.
+    pub fn namespace(&self, ns: Option<&str>) -> Option<&NamespaceConfig> {
+        match ns {
+            None => Some(&self.default_namespace),
+            Some(n) => self.namespaces.get(n),
+        }
+    }
+}
+
+fn validate_namespace(field: &str, ns: &NamespaceConfig) -> Result<(), ConfigError> {
+    if ns.history_size > 1_000_000 {
+        return Err(invalid(format!("{field}.history_size"), "must be at most 1000000"));
+    }
+    if ns.history_size > 0 && ns.history_ttl.is_zero() {
+        return Err(invalid(
+            format!("{field}.history_ttl"),
+            "must be greater than 0 when history_size is set",
+        ));
+    }
+    if ns.history_size > 0 && ns.recover_max == 0 {
+        return Err(invalid(format!("{field}.recover_max"), "must be greater than 0 when history is on"));
+    }
+    if !ns.presence && ns.join_leave {
+        // join/leave without presence is allowed: pushes do not need the member list.
+    }
+    Ok(())
+}
+
+/// Where a broker or presence lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendUrl {
+    Memory,
+    Redis(String),
+    Nats(String),
+}
+
+impl BackendUrl {
+    fn parse(field: &str, s: &str) -> Result<Self, ConfigError> {
+        let s = s.trim();
+        if s == "memory" {
+            Ok(BackendUrl::Memory)
+        } else if s.starts_with("redis://") || s.starts_with("rediss://") {
+            Ok(BackendUrl::Redis(s.to_string()))
+        } else if s.starts_with("nats://") || s.starts_with("tls://") {
+            Ok(BackendUrl::Nats(s.to_string()))
+        } else {
+            Err(invalid(field, format!("expected \"memory\", redis://… or nats://…, got {s:?}")))
+        }
+    }
+}
+
+/// Durations as "250ms", "30s", "5m", "2h", or a plain number of seconds.
+mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(u64),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(Duration::from_secs(s)),
+            Raw::Text(t) => parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+
+    pub fn parse(t: &str) -> Result<Duration, String> {
+        let t = t.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num.parse().map_err(|_| format!("invalid duration {t:?}"))?;
+        let ms = match unit.trim() {
+            "ms" => n,
+            "" | "s" => n.saturating_mul(1000),
+            "m" => n.saturating_mul(60_000),
+            "h" => n.saturating_mul(3_600_000),
+            "d" => n.saturating_mul(86_400_000),
+            _ => return Err(format!("invalid duration unit in {t:?} (use ms, s, m, h or d)")),
+        };
+        Ok(Duration::from_millis(ms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load(None, &BTreeMap::new()).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:8000");
+        assert_eq!(c.broker_url().unwrap(), BackendUrl::Memory);
+        assert_eq!(c.presence_url().unwrap(), BackendUrl::Memory);
+        assert!(c.default_namespace.history_enabled());
+    }
+
+    #[test]
+    fn toml_and_env() {
+        let c = Config::from_toml(
+            r#"
+            listen = "0.0.0.0:9000"
+            ping_ms = 5000
+            [default_namespace]
+            history_size = 0
+            [namespaces.chat]
+            history_ttl = "2m"
+            publish = "authenticated"
+            subscribe = "token"
+            [namespaces.feed]
+            presence = false
+            join_leave = false
+            "#,
+            "test",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.namespaces["chat"].history_ttl, Duration::from_secs(120));
+        assert_eq!(c.namespaces["chat"].publish, PublishRule::Authenticated);
+        assert_eq!(c.namespaces["chat"].history_size, 100);
+        assert!(!c.default_namespace.history_enabled());
+        assert!(c.namespace(Some("nope")).is_none());
+
+        let mut c = c;
+        let env: BTreeMap<&str, &str> = [
+            ("ROOMCAST_LISTEN", "127.0.0.1:0"),
+            ("ROOMCAST_PING_MS", "100"),
+            ("ROOMCAST_BROKER", "redis://x:6379"),
+        ]
+        .into();
+        c.apply_env(&env).unwrap();
+        assert_eq!((c.listen.as_str(), c.ping_ms), ("127.0.0.1:0", 100));
+        assert_eq!(c.presence_url().unwrap(), BackendUrl::Redis("redis://x:6379".into()));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = |t: &str| {
+            let r = Config::from_toml(t, "t").and_then(|c| c.validate());
+            r.unwrap_err().to_string()
+        };
+        assert!(err("listen = \"nowhere\"").contains("listen"));
+        assert!(err("broker = \"kafka://x\"").contains("broker"));
+        assert!(err("unknown_key = 1").contains("unknown"));
+        assert!(err("[namespaces.\"a:b\"]").contains("namespaces.a:b"));
+        assert!(err("[namespaces.x]\nhistory_ttl = \"5 parsecs\"").contains("duration"));
+        assert!(err("[namespaces.x]\npublish = \"everyone\"").contains("publish"));
+        assert!(err("max_data_size = 999999999").contains("max_data_size"));
+        assert!(err("ping_ms = 0").contains("ping_ms"));
+        let env: BTreeMap<&str, &str> = [("ROOMCAST_PING_MS", "soon")].into();
+        assert!(Config::default().apply_env(&env).unwrap_err().to_string().contains("ROOMCAST_PING_MS"));
+    }
+}

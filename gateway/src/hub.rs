@@ -1,0 +1,428 @@
+//! The hub: this node's sessions by room, sharded, and the fan-out of broker events to
+//! them.
+//!
+//! Subscribing without a gap: a new subscriber is added *pending* before its node-level
+//! broker subscription is confirmed and before history is read; events for it are
+//! buffered meanwhile. [`Hub::activate`] then queues the `subscribed` reply followed by
+//! the buffered events newer than the position the reply reports, under the room's lock,
+//! so no live event can slip between them.
+
+use std::collections::HashMap;
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+use roomcast_broker::{BrokerPublication, RoomEvent};
+use roomcast_protocol::{Encode, Encoding, Publication, Push, Room, ServerMessage};
+use tokio::sync::{mpsc, watch};
+
+use crate::outbound::{Encoded, Outbound, Pushed};
+
+const SHARDS: usize = 64;
+
+/// What the hub knows of a session: enough to deliver to it.
+#[derive(Debug)]
+pub struct SessionHandle {
+    pub client: Arc<str>,
+    pub user: Arc<str>,
+    pub encoding: Encoding,
+    pub outbound: Outbound,
+}
+
+/// State of this node's broker subscription for one room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerState {
+    Pending,
+    Ready,
+    Failed(String),
+}
+
+/// A request to the task that keeps broker subscriptions in step with the hub
+/// (`Node::run_broker_control`). Processed strictly in order.
+#[derive(Debug)]
+pub enum ControlOp {
+    Subscribe(Arc<RoomSubscribers>),
+    /// Unsubscribe unless the room has local subscribers again by then.
+    Unsubscribe(Room),
+}
+
+/// The local subscribers of one room.
+#[derive(Debug)]
+pub struct RoomSubscribers {
+    pub room: Room,
+    /// Subscribers in subscription order. Held while fanning an event out to them.
+    subs: Mutex<Vec<Subscriber>>,
+    /// The broker subscription's state, published by the control task.
+    pub broker: watch::Sender<BrokerState>,
+}
+
+#[derive(Debug)]
+struct Subscriber {
+    session: Arc<SessionHandle>,
+    /// Events held back while the subscription is being set up; `None` once live.
+    pending: Option<PendingEvents>,
+}
+
+#[derive(Debug, Default)]
+struct PendingEvents {
+    /// Each event with its offset (publications in rooms with history).
+    events: Vec<(Option<u64>, Arc<Encoded>)>,
+    bytes: usize,
+}
+
+type Shard = HashMap<Room, Arc<RoomSubscribers>>;
+
+/// This node's subscriptions.
+#[derive(Debug)]
+pub struct Hub {
+    /// Rooms with local subscribers, sharded by room hash. Write-locked to add or remove a
+    /// room, read-locked to find one.
+    shards: Box<[RwLock<Shard>]>,
+    /// Requests to the broker control task; it ends when the hub is dropped.
+    control: mpsc::Sender<ControlOp>,
+    /// Bound of a pending subscriber's buffered events, in bytes.
+    pending_limit: usize,
+    sessions: AtomicUsize,
+}
+
+fn shard_of(room: &Room) -> usize {
+    let mut h = DefaultHasher::new();
+    room.hash(&mut h);
+    (h.finish() as usize) % SHARDS
+}
+
+/// Encodes a message once per encoding, on first use.
+struct Lazy<'a> {
+    msg: &'a ServerMessage,
+    json: Option<Arc<Encoded>>,
+    msgpack: Option<Arc<Encoded>>,
+}
+
+impl<'a> Lazy<'a> {
+    fn new(msg: &'a ServerMessage) -> Self {
+        Lazy { msg, json: None, msgpack: None }
+    }
+    fn get(&mut self, enc: Encoding) -> Option<Arc<Encoded>> {
+        let slot = match enc {
+            Encoding::Json => &mut self.json,
+            Encoding::Msgpack => &mut self.msgpack,
+        };
+        if slot.is_none() {
+            match self.msg.encode(enc) {
+                Ok(b) => *slot = Some(Encoded::new(b)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode an event; dropped");
+                    return None;
+                }
+            }
+        }
+        slot.clone()
+    }
+}
+
+impl Hub {
+    /// A hub and the receiving end of its control requests.
+    pub fn new(pending_limit: usize) -> (Hub, mpsc::Receiver<ControlOp>) {
+        let (tx, rx) = mpsc::channel(4096);
+        let hub = Hub {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            control: tx,
+            pending_limit,
+            sessions: AtomicUsize::new(0),
+        };
+        (hub, rx)
+    }
+
+    /// Adds `session` to `room` as a pending subscriber; asks the control task to
+    /// subscribe the node when the room is new here (or its broker subscription failed).
+    pub async fn add(&self, room: &Room, session: &Arc<SessionHandle>) -> Arc<RoomSubscribers> {
+        let (rs, request) = {
+            let mut shard = self.shards[shard_of(room)].write();
+            let rs = shard
+                .entry(room.clone())
+                .or_insert_with(|| {
+                    Arc::new(RoomSubscribers {
+                        room: room.clone(),
+                        subs: Mutex::new(Vec::new()),
+                        broker: watch::Sender::new(BrokerState::Pending),
+                    })
+                })
+                .clone();
+            let new = {
+                let mut subs = rs.subs.lock();
+                subs.push(Subscriber { session: session.clone(), pending: Some(PendingEvents::default()) });
+                subs.len() == 1
+            };
+            let failed = matches!(*rs.broker.borrow(), BrokerState::Failed(_));
+            if failed {
+                rs.broker.send_replace(BrokerState::Pending);
+            }
+            (rs, new || failed)
+        };
+        if request {
+            // The control task only ends with the hub, so this cannot fail while we run.
+            let _ = self.control.send(ControlOp::Subscribe(rs.clone())).await;
+        }
+        rs
+    }
+
+    /// Waits for the node's broker subscription of this room.
+    pub async fn wait_ready(rs: &RoomSubscribers) -> Result<(), String> {
+        let mut rx = rs.broker.subscribe();
+        let state = rx.wait_for(|s| *s != BrokerState::Pending).await.map_err(|e| e.to_string())?.clone();
+        match state {
+            BrokerState::Failed(e) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Makes a pending subscriber live: queues `reply`, then the buffered events with an
+    /// offset above `after` (all of them when `after` is `None`). Returns `false` when the
+    /// subscriber is no longer there.
+    pub fn activate(
+        &self,
+        rs: &RoomSubscribers,
+        client: &str,
+        reply: Arc<Encoded>,
+        after: Option<u64>,
+    ) -> bool {
+        let mut subs = rs.subs.lock();
+        let Some(sub) = subs.iter_mut().find(|s| &*s.session.client == client) else {
+            return false;
+        };
+        let pending = sub.pending.take().unwrap_or_default();
+        let out = &sub.session.outbound;
+        if out.push(reply) != Pushed::Queued {
+            return true;
+        }
+        for (offset, event) in pending.events {
+            let newer = match (offset, after) {
+                (Some(o), Some(a)) => o > a,
+                _ => true,
+            };
+            if newer && out.push(event) != Pushed::Queued {
+                break;
+            }
+        }
+        true
+    }
+
+    /// Removes `client` from `room`; asks the control task to unsubscribe the node when
+    /// the room has no local subscriber left.
+    pub async fn remove(&self, room: &Room, client: &str) {
+        let emptied = {
+            let mut shard = self.shards[shard_of(room)].write();
+            let Some(rs) = shard.get(room) else {
+                return;
+            };
+            let empty = {
+                let mut subs = rs.subs.lock();
+                subs.retain(|s| &*s.session.client != client);
+                subs.is_empty()
+            };
+            if empty {
+                shard.remove(room);
+            }
+            empty
+        };
+        if emptied {
+            let _ = self.control.send(ControlOp::Unsubscribe(room.clone())).await;
+        }
+    }
+
+    /// Whether the room has local subscribers.
+    pub fn has_room(&self, room: &Room) -> bool {
+        self.shards[shard_of(room)].read().contains_key(room)
+    }
+
+    fn room(&self, room: &Room) -> Option<Arc<RoomSubscribers>> {
+        self.shards[shard_of(room)].read().get(room).cloned()
+    }
+
+    /// Rooms with local subscribers.
+    pub fn room_count(&self) -> usize {
+        self.shards.iter().map(|s| s.read().len()).sum()
+    }
+
+    /// Every room with local subscribers.
+    pub fn rooms(&self) -> Vec<Room> {
+        self.shards.iter().flat_map(|s| s.read().keys().cloned().collect::<Vec<_>>()).collect()
+    }
+
+    /// Counts a session in or out (for metrics and `info`).
+    pub fn session_opened(&self) {
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn session_closed(&self) {
+        self.sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+    pub fn session_count(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Delivers one event to the room's local subscribers except `skip`, encoding it at
+    /// most once per encoding.
+    fn fan_out(&self, room: &Room, msg: &ServerMessage, offset: Option<u64>, skip: Option<&str>) -> usize {
+        let Some(rs) = self.room(room) else {
+            return 0;
+        };
+        let mut lazy = Lazy::new(msg);
+        let mut delivered = 0;
+        let mut subs = rs.subs.lock();
+        for sub in subs.iter_mut() {
+            if skip.is_some_and(|c| c == &*sub.session.client) {
+                continue;
+            }
+            let Some(enc) = lazy.get(sub.session.encoding) else {
+                return delivered;
+            };
+            match &mut sub.pending {
+                Some(p) => {
+                    p.bytes += enc.raw().len();
+                    if p.bytes > self.pending_limit {
+                        // It cannot keep up even before it is live: same as a full queue.
+                        sub.session.outbound.close(roomcast_protocol::CloseCode::SlowConsumer);
+                        p.events = Vec::new();
+                    } else {
+                        p.events.push((offset, enc));
+                    }
+                }
+                None => {
+                    if sub.session.outbound.push(enc) == Pushed::Queued {
+                        delivered += 1;
+                    }
+                }
+            }
+        }
+        delivered
+    }
+
+    /// Fans a publication out. Returns how many live subscribers it was queued to.
+    pub fn deliver_publication(&self, p: &BrokerPublication) -> usize {
+        if !self.has_room(&p.room) {
+            return 0;
+        }
+        let msg = ServerMessage::Push(Push::Publication(Publication {
+            room: p.room.to_string(),
+            offset: p.offset,
+            data: p.data.clone(),
+            info: p.info.clone(),
+        }));
+        self.fan_out(&p.room, &msg, p.offset, p.skip_client.as_deref())
+    }
+
+    /// Fans a join or leave out, to everyone but the member itself.
+    pub fn deliver_room_event(&self, room: &Room, event: &RoomEvent) -> usize {
+        if !self.has_room(room) {
+            return 0;
+        }
+        let (msg, member) = match event {
+            RoomEvent::Join(m) => (Push::Join { room: room.to_string(), member: m.clone() }, m),
+            RoomEvent::Leave(m) => (Push::Leave { room: room.to_string(), member: m.clone() }, m),
+        };
+        self.fan_out(room, &ServerMessage::Push(msg), None, Some(&member.client))
+    }
+
+    /// Queues a message to every local subscriber of every room (used on broker
+    /// interruption to make clients resynchronise).
+    pub fn for_each_subscriber(&self, mut f: impl FnMut(&Room, &Arc<SessionHandle>)) {
+        for shard in self.shards.iter() {
+            let rooms: Vec<Arc<RoomSubscribers>> = shard.read().values().cloned().collect();
+            for rs in rooms {
+                for s in rs.subs.lock().iter() {
+                    f(&rs.room, &s.session);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use roomcast_protocol::{Data, decode_server_messages};
+
+    fn handle(client: &str, enc: Encoding) -> Arc<SessionHandle> {
+        Arc::new(SessionHandle {
+            client: client.into(),
+            user: "".into(),
+            encoding: enc,
+            outbound: Outbound::new(1 << 20),
+        })
+    }
+
+    fn publication(room: &Room, offset: u64) -> BrokerPublication {
+        let mut p = BrokerPublication::new(room.clone(), Data::from_serialize(&offset).unwrap());
+        p.offset = Some(offset);
+        p.epoch = Some("e".into());
+        p
+    }
+
+    fn offsets(h: &SessionHandle) -> Vec<Option<u64>> {
+        let (q, _) = h.outbound.take();
+        q.iter()
+            .flat_map(|e| decode_server_messages(h.encoding, e.raw()).unwrap())
+            .map(|m| match m.unwrap() {
+                ServerMessage::Push(Push::Publication(p)) => p.offset,
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn pending_subscribers_get_only_newer_events_after_their_reply() {
+        let (hub, mut rx) = Hub::new(1 << 20);
+        let room = Room::parse("r").unwrap();
+        let a = handle("a", Encoding::Json);
+        let rs = hub.add(&room, &a).await;
+        assert!(matches!(rx.recv().await, Some(ControlOp::Subscribe(_))));
+        for o in 1..=5 {
+            hub.deliver_publication(&publication(&room, o));
+        }
+        assert!(a.outbound.is_empty());
+        // History said the position is 3: 4 and 5 follow the reply, 1..3 were in it.
+        let reply = Encoded::new(bytes::Bytes::from_static(b"{\"type\":\"ping\"}"));
+        assert!(hub.activate(&rs, "a", reply, Some(3)));
+        hub.deliver_publication(&publication(&room, 6));
+        assert_eq!(offsets(&a), vec![None, Some(4), Some(5), Some(6)]);
+    }
+
+    #[tokio::test]
+    async fn encodes_once_per_encoding_and_skips() {
+        let (hub, _rx) = Hub::new(1 << 20);
+        let room = Room::parse("r").unwrap();
+        let subs: Vec<_> = (0..4)
+            .map(|i| handle(&format!("c{i}"), if i % 2 == 0 { Encoding::Json } else { Encoding::Msgpack }))
+            .collect();
+        for s in &subs {
+            let rs = hub.add(&room, s).await;
+            hub.activate(&rs, &s.client, Encoded::new(bytes::Bytes::from_static(b"{}")), None);
+            s.outbound.take();
+        }
+        let mut p = publication(&room, 1);
+        p.skip_client = Some("c0".into());
+        assert_eq!(hub.deliver_publication(&p), 3);
+        let q1 = subs[1].outbound.take().0;
+        let q3 = subs[3].outbound.take().0;
+        assert!(Arc::ptr_eq(&q1[0], &q3[0]), "one encoding shared by all msgpack subscribers");
+        assert!(subs[0].outbound.is_empty());
+    }
+
+    #[tokio::test]
+    async fn last_leaver_unsubscribes_the_node() {
+        let (hub, mut rx) = Hub::new(1 << 20);
+        let room = Room::parse("r").unwrap();
+        let a = handle("a", Encoding::Json);
+        let b = handle("b", Encoding::Json);
+        hub.add(&room, &a).await;
+        hub.add(&room, &b).await;
+        assert!(matches!(rx.recv().await, Some(ControlOp::Subscribe(_))));
+        hub.remove(&room, "a").await;
+        assert!(rx.try_recv().is_err());
+        hub.remove(&room, "b").await;
+        assert!(matches!(rx.recv().await, Some(ControlOp::Unsubscribe(r)) if r == room));
+        assert_eq!(hub.room_count(), 0);
+    }
+}

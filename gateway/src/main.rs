@@ -1,0 +1,89 @@
+//! `roomcast`: runs a node (default), or acts as a client (`roomcast sub ROOM`, …).
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use roomcast_gateway::config::{Config, ProcessEnv};
+use roomcast_gateway::{Node, server};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "roomcast", version, about = "roomcast: a horizontally scaled realtime messaging node")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node (the default).
+    Serve {
+        /// TOML configuration file (also ROOMCAST_CONFIG).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    #[command(flatten)]
+    Client(roomcast_client::cli::CliCommand),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("ROOMCAST_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    match cli.command {
+        None => rt.block_on(serve(None)),
+        Some(Cmd::Serve { config }) => rt.block_on(serve(config)),
+        Some(Cmd::Client(cmd)) => rt.block_on(roomcast_client::cli::run(cmd)).map_err(Into::into),
+    }
+}
+
+async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = Config::load(config_path.as_deref(), &ProcessEnv).context("invalid configuration")?;
+    let addr = config.listen_addr()?;
+    let ws_path = config.ws_path.clone();
+    let node = Node::start(config).await.context("starting the node")?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(node = %node.id, %local, "listening");
+    // A machine-readable line for scripts and tests: the address actually bound.
+    println!("roomcast listening on ws://{local}{ws_path} node={}", node.id);
+
+    let server = tokio::spawn(server::serve(node.clone(), listener));
+    shutdown_signal().await;
+    tracing::info!("shutting down: closing connections with 4000");
+    node.begin_shutdown();
+    let drained = node.drain().await;
+    if !drained {
+        tracing::warn!("grace period over with connections still open");
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), server).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
