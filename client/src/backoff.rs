@@ -19,11 +19,7 @@ pub struct BackoffConfig {
 
 impl Default for BackoffConfig {
     fn default() -> Self {
-        BackoffConfig {
-            min: Duration::from_millis(100),
-            max: Duration::from_secs(10),
-            factor: 2.0,
-        }
+        BackoffConfig { min: Duration::from_millis(100), max: Duration::from_secs(10), factor: 2.0 }
     }
 }
 
@@ -97,11 +93,7 @@ mod tests {
     #[test]
     fn full_jitter_spreads_over_the_whole_range() {
         let mut rng = StdRng::seed_from_u64(42);
-        let cfg = BackoffConfig {
-            min: Duration::from_secs(1),
-            max: Duration::from_secs(1),
-            factor: 2.0,
-        };
+        let cfg = BackoffConfig { min: Duration::from_secs(1), max: Duration::from_secs(1), factor: 2.0 };
         let mut b = Backoff::new(cfg);
         let ds: Vec<Duration> = (0..2000).map(|_| b.next_delay(&mut rng)).collect();
         assert!(ds.iter().all(|d| *d <= Duration::from_secs(1)));

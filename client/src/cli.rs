@@ -87,12 +87,7 @@ pub async fn run_with(cmd: CliCommand, out: &mut (dyn Write + Send)) -> Result<(
             client.close().await;
             r
         }
-        CliCommand::Pub {
-            room,
-            data,
-            skip_self,
-            conn,
-        } => {
+        CliCommand::Pub { room, data, skip_self, conn } => {
             let data = parse_data(&data)?;
             let client = connect(&conn).await?;
             let r = if skip_self {
@@ -101,26 +96,15 @@ pub async fn run_with(cmd: CliCommand, out: &mut (dyn Write + Send)) -> Result<(
                 client.publish(&room, data).await
             };
             client.close().await;
-            let line = match r? {
-                Some(p) => serde_json::json!({"offset": p.offset, "epoch": p.epoch}),
-                None => serde_json::Value::Null,
-            };
-            writeln!(out, "{line}")?;
+            let line = r?.map(|p| PositionLine { offset: p.offset, epoch: p.epoch });
+            let text = serde_json::to_string(&line).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            writeln!(out, "{text}")?;
             out.flush()?;
             Ok(())
         }
-        CliCommand::History {
-            room,
-            limit,
-            reverse,
-            conn,
-        } => {
+        CliCommand::History { room, limit, reverse, conn } => {
             let client = connect(&conn).await?;
-            let opts = HistoryOptions {
-                since: None,
-                limit,
-                reverse,
-            };
+            let opts = HistoryOptions { since: None, limit, reverse };
             let r = client.history(&room, opts).await;
             client.close().await;
             let h = r?;
@@ -153,7 +137,12 @@ async fn connect(conn: &ConnArgs) -> Result<Client, ClientError> {
         .await
 }
 
-async fn sub(client: &Client, room: &str, count: Option<u64>, out: &mut (dyn Write + Send)) -> Result<(), ClientError> {
+async fn sub(
+    client: &Client,
+    room: &str,
+    count: Option<u64>,
+    out: &mut (dyn Write + Send),
+) -> Result<(), ClientError> {
     if count == Some(0) {
         return Ok(());
     }
@@ -175,9 +164,7 @@ async fn sub(client: &Client, room: &str, count: Option<u64>, out: &mut (dyn Wri
                     return Ok(());
                 }
             }
-            Some(SubscriptionEvent::Subscribed {
-                recovered, position, ..
-            }) => {
+            Some(SubscriptionEvent::Subscribed { recovered, position, .. }) => {
                 let at = position.map(|p| format!(" at offset {} epoch {}", p.offset, p.epoch));
                 let how = match recovered {
                     Some(true) => " (recovered)",
@@ -211,6 +198,12 @@ fn raw(data: &Data) -> Result<&RawValue, ClientError> {
 }
 
 #[derive(Serialize)]
+struct PositionLine {
+    offset: u64,
+    epoch: String,
+}
+
+#[derive(Serialize)]
 struct PublicationLine<'a> {
     room: &'a str,
     offset: Option<u64>,
@@ -218,11 +211,7 @@ struct PublicationLine<'a> {
 }
 
 fn write_publication(out: &mut (dyn Write + Send), p: &Publication) -> Result<(), ClientError> {
-    let line = PublicationLine {
-        room: &p.room,
-        offset: p.offset,
-        data: raw(&p.data)?,
-    };
+    let line = PublicationLine { room: &p.room, offset: p.offset, data: raw(&p.data)? };
     let text = serde_json::to_string(&line).map_err(|e| ClientError::Protocol(e.to_string()))?;
     writeln!(out, "{text}")?;
     Ok(())
@@ -300,7 +289,10 @@ mod tests {
 
     #[test]
     fn data_is_json_or_a_json_string() {
-        assert_eq!(parse_data("{\"a\":1}").unwrap().decode::<serde_json::Value>().unwrap(), serde_json::json!({"a":1}));
+        assert_eq!(
+            parse_data("{\"a\":1}").unwrap().decode::<serde_json::Value>().unwrap(),
+            serde_json::json!({"a":1})
+        );
         assert_eq!(parse_data("12").unwrap().decode::<serde_json::Value>().unwrap(), serde_json::json!(12));
         assert_eq!(parse_data("hello world").unwrap().decode::<String>().unwrap(), "hello world");
     }
@@ -315,6 +307,9 @@ mod tests {
         };
         let mut out = Vec::new();
         write_publication(&mut out, &p).unwrap();
-        assert_eq!(String::from_utf8(out).unwrap(), "{\"room\":\"r\",\"offset\":4,\"data\":{\"x\": [1, 2]}}\n");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\"room\":\"r\",\"offset\":4,\"data\":{\"x\": [1, 2]}}\n"
+        );
     }
 }

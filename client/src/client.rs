@@ -12,7 +12,9 @@ use tokio::time::Instant;
 use crate::backoff::BackoffConfig;
 use crate::driver::{self, DriverConfig};
 use crate::machine::{Machine, MachineConfig, Op};
-use crate::{ClientError, ConnectionEvent, HistoryOptions, HistoryResult, SubscribeOptions, SubscriptionEvent};
+use crate::{
+    ClientError, ConnectionEvent, HistoryOptions, HistoryResult, SubscribeOptions, SubscriptionEvent,
+};
 
 /// Ops waiting for the driver; a full channel makes callers wait (within their timeout).
 const OPS_CAPACITY: usize = 256;
@@ -138,7 +140,7 @@ impl ClientBuilder {
         let driver_cfg = DriverConfig {
             connect_attempts: self.connect_attempts.unwrap_or(self.urls.len()),
             urls: self.urls,
-            open_timeout: self.request_timeout,
+            io_timeout: self.request_timeout,
             backoff: self.backoff,
         };
         tokio::spawn(driver::run(machine, ops_rx, driver_cfg));
@@ -220,7 +222,12 @@ impl Client {
         self.publish_inner(room, data, true).await
     }
 
-    async fn publish_inner(&self, room: &str, data: Data, skip_self: bool) -> Result<Option<Position>, ClientError> {
+    async fn publish_inner(
+        &self,
+        room: &str,
+        data: Data,
+        skip_self: bool,
+    ) -> Result<Option<Position>, ClientError> {
         let room = Room::parse(room)?;
         match self.call(Command::Publish { room, data, skip_self }).await? {
             Reply::Published { position, .. } => Ok(position),
@@ -231,16 +238,9 @@ impl Client {
     /// A room's history.
     pub async fn history(&self, room: &str, opts: HistoryOptions) -> Result<HistoryResult, ClientError> {
         let room = Room::parse(room)?;
-        let command = Command::History {
-            room,
-            since: opts.since,
-            limit: opts.limit,
-            reverse: opts.reverse,
-        };
+        let command = Command::History { room, since: opts.since, limit: opts.limit, reverse: opts.reverse };
         match self.call(command).await? {
-            Reply::History {
-                position, publications, ..
-            } => Ok(HistoryResult { position, publications }),
+            Reply::History { position, publications, .. } => Ok(HistoryResult { position, publications }),
             other => Err(unexpected(other)),
         }
     }
@@ -265,10 +265,7 @@ impl Client {
 
     /// Calls a backend method through the node; returns the backend's answer.
     pub async fn rpc(&self, method: &str, data: Data) -> Result<Data, ClientError> {
-        let command = Command::Rpc {
-            method: method.to_string(),
-            data,
-        };
+        let command = Command::Rpc { method: method.to_string(), data };
         match self.call(command).await? {
             Reply::Rpc { data } => Ok(data),
             other => Err(unexpected(other)),
@@ -291,16 +288,15 @@ impl Client {
     }
 
     /// Subscribes with options (presence list, subscription token, recover position).
-    pub async fn subscribe_with(&self, room: &str, opts: SubscribeOptions) -> Result<Subscription, ClientError> {
+    pub async fn subscribe_with(
+        &self,
+        room: &str,
+        opts: SubscribeOptions,
+    ) -> Result<Subscription, ClientError> {
         let room = Room::parse(room)?;
         let (events_tx, events_rx) = mpsc::channel(self.inner.subscription_buffer);
         let (tx, rx) = oneshot::channel();
-        let op = Op::Subscribe {
-            room: room.clone(),
-            opts,
-            events: events_tx,
-            reply: tx,
-        };
+        let op = Op::Subscribe { room: room.clone(), opts, events: events_tx, reply: tx };
         let key = self.request(op, rx).await?;
         Ok(Subscription {
             room,
@@ -316,15 +312,7 @@ impl Client {
     pub async fn unsubscribe(&self, room: &str) -> Result<(), ClientError> {
         let room = Room::parse(room)?;
         let (tx, rx) = oneshot::channel();
-        self.request(
-            Op::Unsubscribe {
-                room,
-                key: None,
-                reply: Some(tx),
-            },
-            rx,
-        )
-        .await
+        self.request(Op::Unsubscribe { room, key: None, reply: Some(tx) }, rx).await
     }
 
     /// Closes the client: the socket is closed, waiting calls get
@@ -342,22 +330,21 @@ impl Client {
     }
 
     /// Sends an op and waits for its answer, all within the request timeout.
-    async fn request<T>(&self, op: Op, rx: oneshot::Receiver<Result<T, ClientError>>) -> Result<T, ClientError> {
+    async fn request<T>(
+        &self,
+        op: Op,
+        rx: oneshot::Receiver<Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
         let fut = async {
             self.inner.ops.send(op).await.map_err(|_| self.closed_error())?;
             rx.await.map_err(|_| self.closed_error())?
         };
-        tokio::time::timeout(self.inner.request_timeout, fut)
-            .await
-            .map_err(|_| ClientError::Timeout)?
+        tokio::time::timeout(self.inner.request_timeout, fut).await.map_err(|_| ClientError::Timeout)?
     }
 
     fn closed_error(&self) -> ClientError {
         match self.inner.closed.get() {
-            Some((code, reason)) => ClientError::Closed {
-                code: *code,
-                reason: reason.clone(),
-            },
+            Some((code, reason)) => ClientError::Closed { code: *code, reason: reason.clone() },
             None => ClientError::closed_locally(),
         }
     }
@@ -412,18 +399,12 @@ impl Subscription {
             return Ok(());
         };
         let (tx, rx) = oneshot::channel();
-        let op = Op::Unsubscribe {
-            room: self.room.clone(),
-            key: Some(self.key),
-            reply: Some(tx),
-        };
+        let op = Op::Unsubscribe { room: self.room.clone(), key: Some(self.key), reply: Some(tx) };
         let fut = async move {
             ops.send(op).await.map_err(|_| ClientError::closed_locally())?;
             rx.await.unwrap_or(Ok(()))
         };
-        tokio::time::timeout(self.request_timeout, fut)
-            .await
-            .map_err(|_| ClientError::Timeout)?
+        tokio::time::timeout(self.request_timeout, fut).await.map_err(|_| ClientError::Timeout)?
     }
 }
 
@@ -435,11 +416,8 @@ impl Drop for Subscription {
         // Best effort: if the op channel is full, the driver notices the closed event
         // channel on its next tick instead.
         if let Some(ops) = self.ops.upgrade() {
-            let _ = ops.try_send(Op::Unsubscribe {
-                room: self.room.clone(),
-                key: Some(self.key),
-                reply: None,
-            });
+            let _ =
+                ops.try_send(Op::Unsubscribe { room: self.room.clone(), key: Some(self.key), reply: None });
         }
     }
 }

@@ -2,7 +2,9 @@
 //! [`ServerMessage`]s. No I/O and no state.
 
 use bytes::Bytes;
-use roomcast_protocol::{Encode, EncodeError, Encoding, Request, ServerMessage, Violation, decode_server_messages};
+use roomcast_protocol::{
+    Encode, EncodeError, Encoding, Request, ServerMessage, Violation, decode_server_messages,
+};
 
 /// Largest frame the SDK builds by coalescing several messages (a single larger message
 /// still goes alone). Kept well under the node's default 128 KiB message limit.

@@ -23,8 +23,9 @@ const TICK: Duration = Duration::from_millis(100);
 pub(crate) struct DriverConfig {
     /// Tried in turn, one per attempt. Never empty (checked by the builder).
     pub urls: Vec<String>,
-    /// Limit on opening the socket (TCP + WebSocket handshake).
-    pub open_timeout: Duration,
+    /// Limit on opening the socket (TCP + WebSocket handshake), and on one write: a node
+    /// that stops reading must not stall the driver (and its liveness checks) forever.
+    pub io_timeout: Duration,
     pub backoff: BackoffConfig,
     /// Failed attempts to open the first connection before `connect` gives up.
     pub connect_attempts: usize,
@@ -56,22 +57,19 @@ pub(crate) async fn run(mut m: Machine, mut ops: mpsc::Receiver<Op>, cfg: Driver
             return;
         };
         attempt = attempt.wrapping_add(1);
-        let opened = match wait_down(&mut m, &mut ops, &mut tick, framing::open(&url, enc, cfg.open_timeout)).await {
-            Some(r) => r,
-            None => return,
-        };
+        let opened =
+            match wait_down(&mut m, &mut ops, &mut tick, framing::open(&url, enc, cfg.io_timeout)).await {
+                Some(r) => r,
+                None => return,
+            };
         match opened {
             Ok(mut ws) => {
                 let started = Instant::now();
                 tracing::debug!(%url, "socket open");
                 m.on_open(started);
-                match run_connection(&mut m, &mut ops, &mut tick, &mut ws).await {
+                match run_connection(&mut m, &mut ops, &mut tick, &mut ws, cfg.io_timeout).await {
                     End::Shutdown => return,
-                    End::Lost {
-                        code,
-                        reason,
-                        reconnect,
-                    } => {
+                    End::Lost { code, reason, reconnect } => {
                         tracing::info!(%url, ?code, %reason, reconnect, "connection lost");
                         if started.elapsed() >= backoff.stable_after() {
                             backoff.reset();
@@ -95,10 +93,7 @@ pub(crate) async fn run(mut m: Machine, mut ops: mpsc::Receiver<Op>, cfg: Driver
         }
         let delay = backoff.next_delay(&mut rand::rng());
         tracing::debug!(?delay, "reconnecting after");
-        if wait_down(&mut m, &mut ops, &mut tick, tokio::time::sleep(delay))
-            .await
-            .is_none()
-        {
+        if wait_down(&mut m, &mut ops, &mut tick, tokio::time::sleep(delay)).await.is_none() {
             return;
         }
     }
@@ -106,13 +101,18 @@ pub(crate) async fn run(mut m: Machine, mut ops: mpsc::Receiver<Op>, cfg: Driver
 
 /// Waits for `fut` (opening a socket, or a backoff sleep) while still serving the
 /// handles. `None`: the client was closed meanwhile.
-async fn wait_down<F: Future>(m: &mut Machine, ops: &mut mpsc::Receiver<Op>, tick: &mut Interval, fut: F) -> Option<F::Output> {
+async fn wait_down<F: Future>(
+    m: &mut Machine,
+    ops: &mut mpsc::Receiver<Op>,
+    tick: &mut Interval,
+    fut: F,
+) -> Option<F::Output> {
     tokio::pin!(fut);
     loop {
         tokio::select! {
             out = &mut fut => return Some(out),
             op = ops.recv() => match op {
-                Some(op) => m.on_op(Instant::now(), op),
+                Some(op) => m.on_op(op),
                 None => m.request_shutdown(),
             },
             _ = tick.tick() => m.on_tick(Instant::now()),
@@ -130,31 +130,29 @@ async fn wait_down<F: Future>(m: &mut Machine, ops: &mut mpsc::Receiver<Op>, tic
 }
 
 /// Serves one open connection until it ends.
-async fn run_connection(m: &mut Machine, ops: &mut mpsc::Receiver<Op>, tick: &mut Interval, ws: &mut Ws) -> End {
+async fn run_connection(
+    m: &mut Machine,
+    ops: &mut mpsc::Receiver<Op>,
+    tick: &mut Interval,
+    ws: &mut Ws,
+    io_timeout: Duration,
+) -> End {
     let enc = m.encoding();
     loop {
         let out = m.take_outbox();
         if !out.is_empty() {
-            if let Err(e) = framing::send(ws, enc, codec::frames(enc, out, codec::MAX_COALESCED_FRAME)).await {
-                return End::Lost {
-                    code: None,
-                    reason: e,
-                    reconnect: true,
-                };
+            let frames = codec::frames(enc, out, codec::MAX_COALESCED_FRAME);
+            let sent = tokio::time::timeout(io_timeout, framing::send(ws, enc, frames))
+                .await
+                .unwrap_or_else(|_| Err(format!("a write did not complete within {io_timeout:?}")));
+            if let Err(e) = sent {
+                return End::Lost { code: None, reason: e, reconnect: true };
             }
         }
         match m.take_action() {
-            Some(Action::Drop {
-                code,
-                reason,
-                reconnect,
-            }) => {
+            Some(Action::Drop { code, reason, reconnect }) => {
                 framing::close(ws, LOCAL_CLOSE_CODE, "").await;
-                return End::Lost {
-                    code,
-                    reason,
-                    reconnect,
-                };
+                return End::Lost { code, reason, reconnect };
             }
             Some(Action::Shutdown { done }) => {
                 framing::close(ws, LOCAL_CLOSE_CODE, LOCAL_CLOSE_REASON).await;
@@ -176,7 +174,7 @@ async fn run_connection(m: &mut Machine, ops: &mut mpsc::Receiver<Op>, tick: &mu
                 }
             },
             op = ops.recv() => match op {
-                Some(op) => m.on_op(Instant::now(), op),
+                Some(op) => m.on_op(op),
                 None => m.request_shutdown(),
             },
             _ = tick.tick() => m.on_tick(Instant::now()),

@@ -26,21 +26,15 @@ const MAX_INCOMING_MESSAGE: usize = 16 << 20;
 
 /// Opens a WebSocket to `url`, offering the encoding's subprotocol, within `timeout`.
 pub(crate) async fn open(url: &str, enc: Encoding, timeout: Duration) -> Result<Ws, ClientError> {
-    let err = |reason: String| ClientError::Connect {
-        url: url.to_string(),
-        reason,
-    };
+    let err = |reason: String| ClientError::Connect { url: url.to_string(), reason };
     let mut req = url.into_client_request().map_err(|e| err(e.to_string()))?;
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", HeaderValue::from_static(enc.subprotocol()));
+    req.headers_mut().insert("Sec-WebSocket-Protocol", HeaderValue::from_static(enc.subprotocol()));
     let cfg = WebSocketConfig::default().max_message_size(Some(MAX_INCOMING_MESSAGE));
-    let (ws, resp) = tokio::time::timeout(
-        timeout,
-        tokio_tungstenite::connect_async_with_config(req, Some(cfg), true),
-    )
-    .await
-    .map_err(|_| err(format!("no WebSocket handshake within {timeout:?}")))?
-    .map_err(|e| err(describe(e)))?;
+    let (ws, resp) =
+        tokio::time::timeout(timeout, tokio_tungstenite::connect_async_with_config(req, Some(cfg), true))
+            .await
+            .map_err(|_| err(format!("no WebSocket handshake within {timeout:?}")))?
+            .map_err(|e| err(describe(e)))?;
     // tungstenite already refused a subprotocol we did not offer; check we got ours.
     let chosen = resp.headers().get("Sec-WebSocket-Protocol").and_then(|v| v.to_str().ok());
     if chosen != Some(enc.subprotocol()) {
@@ -97,30 +91,17 @@ pub(crate) enum Incoming {
 /// Classifies one item of the socket's stream.
 pub(crate) fn classify(item: Option<Result<Message, WsError>>) -> Incoming {
     match item {
-        Some(Ok(Message::Text(t))) => Incoming::Frame {
-            binary: false,
-            data: Bytes::from(t),
-        },
+        Some(Ok(Message::Text(t))) => Incoming::Frame { binary: false, data: Bytes::from(t) },
         Some(Ok(Message::Binary(b))) => Incoming::Frame { binary: true, data: b },
         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Incoming::Control,
         Some(Ok(Message::Close(frame))) => match frame {
-            Some(f) => Incoming::Closed {
-                code: Some(u16::from(f.code)),
-                reason: f.reason.as_str().to_string(),
-            },
-            None => Incoming::Closed {
-                code: None,
-                reason: "closed by the node without a code".into(),
-            },
+            Some(f) => {
+                Incoming::Closed { code: Some(u16::from(f.code)), reason: f.reason.as_str().to_string() }
+            }
+            None => Incoming::Closed { code: None, reason: "closed by the node without a code".into() },
         },
-        Some(Err(e)) => Incoming::Closed {
-            code: None,
-            reason: e.to_string(),
-        },
-        None => Incoming::Closed {
-            code: None,
-            reason: "connection closed".into(),
-        },
+        Some(Err(e)) => Incoming::Closed { code: None, reason: e.to_string() },
+        None => Incoming::Closed { code: None, reason: "connection closed".into() },
     }
 }
 

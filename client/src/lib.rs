@@ -17,7 +17,7 @@
 //! ```
 //!
 //! Module map, by layer:
-//! - [`client`](crate::Client) (`client.rs`): the handles the application holds:
+//! - `client.rs`: the handles the application holds:
 //!   [`ClientBuilder`], [`Client`], [`Subscription`]. They talk to the driver task over
 //!   bounded channels.
 //! - `driver.rs`: the background task. Owns the socket, opens it (rotating through the

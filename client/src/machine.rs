@@ -48,11 +48,7 @@ pub(crate) enum Op {
     },
     /// End a subscription. `key` set: only if it is still that subscription (a
     /// [`crate::Subscription`] handle); `reply` unset: nobody waits (a dropped handle).
-    Unsubscribe {
-        room: Room,
-        key: Option<u64>,
-        reply: Option<ReplyTx<()>>,
-    },
+    Unsubscribe { room: Room, key: Option<u64>, reply: Option<ReplyTx<()>> },
     /// Close the client; `done` fires when everything was answered.
     Close { done: oneshot::Sender<()> },
 }
@@ -61,11 +57,7 @@ pub(crate) enum Op {
 #[derive(Debug)]
 pub(crate) enum Action {
     /// End this connection; then reconnect, or close the client for good.
-    Drop {
-        code: Option<u16>,
-        reason: String,
-        reconnect: bool,
-    },
+    Drop { code: Option<u16>, reason: String, reconnect: bool },
     /// The application closed the client.
     Shutdown { done: Option<oneshot::Sender<()>> },
 }
@@ -114,7 +106,9 @@ struct Queued {
 enum SubState {
     /// Not subscribed on the current connection (or no connection); subscribe when up and
     /// `retry_at` (if any) has passed.
-    Idle { retry_at: Option<Instant> },
+    Idle {
+        retry_at: Option<Instant>,
+    },
     /// `subscribe` sent with this id; pushes for the room are ignored until its reply.
     Subscribing(u32),
     Active,
@@ -259,11 +253,7 @@ impl Machine {
             }
             Err(v) => {
                 tracing::warn!(error = %v, "undecodable frame from the node; reconnecting");
-                self.action = Some(Action::Drop {
-                    code: None,
-                    reason: v.to_string(),
-                    reconnect: true,
-                });
+                self.action = Some(Action::Drop { code: None, reason: v.to_string(), reconnect: true });
             }
         }
     }
@@ -277,20 +267,9 @@ impl Machine {
     pub(crate) fn on_message(&mut self, now: Instant, msg: ServerMessage) {
         match msg {
             ServerMessage::Reply { id: Some(id), reply } => self.on_reply(now, id, Ok(reply)),
-            ServerMessage::Error {
-                id: Some(id),
-                code,
-                message,
-                temporary,
-            } => self.on_reply(
-                now,
-                id,
-                Err(ClientError::Server {
-                    code,
-                    message,
-                    temporary,
-                }),
-            ),
+            ServerMessage::Error { id: Some(id), code, message, temporary } => {
+                self.on_reply(now, id, Err(ClientError::Server { code, message, temporary }))
+            }
             ServerMessage::Error { id: None, code, message, .. } => {
                 tracing::warn!(code, %message, "error from the node without an id");
             }
@@ -300,8 +279,7 @@ impl Machine {
     }
 
     /// A request from a handle.
-    pub(crate) fn on_op(&mut self, now: Instant, op: Op) {
-        let _ = now;
+    pub(crate) fn on_op(&mut self, op: Op) {
         match op {
             Op::Call { command, reply } => {
                 if let Command::Refresh { token } = &command {
@@ -316,12 +294,11 @@ impl Machine {
                     self.queued.push_back(Queued { command, reply });
                 }
             }
-            Op::Subscribe {
-                room,
-                opts,
-                events,
-                reply,
-            } => {
+            Op::Subscribe { room, opts, events, reply } => {
+                if self.subs.get(room.as_str()).is_some_and(|s| s.events.is_closed()) {
+                    // A dropped subscription not swept yet.
+                    self.remove_sub(room.as_str());
+                }
                 if self.subs.contains_key(room.as_str()) {
                     let code = roomcast_protocol::ErrorCode::AlreadySubscribed;
                     let _ = reply.send(Err(ClientError::Server {
@@ -355,10 +332,7 @@ impl Machine {
             }
             Op::Unsubscribe { room, key, reply } => {
                 let name = room.as_str();
-                let ours = self
-                    .subs
-                    .get(name)
-                    .is_some_and(|s| key.is_none_or(|k| s.key == k));
+                let ours = self.subs.get(name).is_some_and(|s| key.is_none_or(|k| s.key == k));
                 let removed = if ours { self.subs.remove(name) } else { None };
                 match removed {
                     Some(sub) if sub.on_server() && matches!(self.conn, Conn::Up { .. }) => {
@@ -404,23 +378,15 @@ impl Machine {
             .map(|(id, _)| *id)
             .collect();
         for id in abandoned {
-            if let Some(Pending::Call {
-                skip_self: Some((room, key)),
-                ..
-            }) = self.pending.remove(&id)
-            {
+            if let Some(Pending::Call { skip_self: Some((room, key)), .. }) = self.pending.remove(&id) {
                 self.self_publish_done(&room, key, None);
             }
         }
 
         // Subscriptions whose application side is gone (handle dropped, or the
         // `subscribe` call gave up waiting).
-        let gone: Vec<String> = self
-            .subs
-            .iter()
-            .filter(|(_, s)| s.events.is_closed())
-            .map(|(r, _)| r.clone())
-            .collect();
+        let gone: Vec<String> =
+            self.subs.iter().filter(|(_, s)| s.events.is_closed()).map(|(r, _)| r.clone()).collect();
         for room in gone {
             self.remove_sub(&room);
         }
@@ -432,7 +398,9 @@ impl Machine {
         let mut resync = Vec::new();
         for (room, s) in &self.subs {
             match s.state {
-                SubState::Idle { retry_at } if retry_at.is_none_or(|t| t <= now) => subscribe.push(room.clone()),
+                SubState::Idle { retry_at } if retry_at.is_none_or(|t| t <= now) => {
+                    subscribe.push(room.clone())
+                }
                 SubState::Active if s.lagged && s.events.capacity() * 2 >= s.events.max_capacity() => {
                     resync.push(room.clone())
                 }
@@ -455,18 +423,15 @@ impl Machine {
         self.conn = Conn::Down;
         self.outbox.clear();
         if was_up {
-            let _ = self.events.send(ConnectionEvent::Disconnected {
-                code,
-                reason: reason.clone(),
-            });
+            let _ = self.events.send(ConnectionEvent::Disconnected { code, reason: reason.clone() });
         }
         let final_code = code.unwrap_or(ABNORMAL_CLOSE_CODE);
         if let Some(ready) = self.ready.take() {
             // The first connection never came up: `connect` fails, nothing is retried.
-            let err = self.connect_error.take().unwrap_or_else(|| ClientError::Closed {
-                code: final_code,
-                reason: reason.clone(),
-            });
+            let err = self
+                .connect_error
+                .take()
+                .unwrap_or_else(|| ClientError::Closed { code: final_code, reason: reason.clone() });
             let _ = ready.send(Err(err));
             self.close_all(final_code, reason);
             return false;
@@ -510,10 +475,7 @@ impl Machine {
     /// `Unsubscribed` with the same code, and later calls find the reason in `closed`.
     pub(crate) fn close_all(&mut self, code: u16, reason: String) {
         let _ = self.closed.set((code, reason.clone()));
-        let err = ClientError::Closed {
-            code,
-            reason: reason.clone(),
-        };
+        let err = ClientError::Closed { code, reason: reason.clone() };
         self.conn = Conn::Down;
         self.outbox.clear();
         if let Some(ready) = self.ready.take() {
@@ -539,10 +501,8 @@ impl Machine {
                     let _ = w.send(Err(err.clone()));
                 }
                 None => {
-                    let _ = s.events.try_send(SubscriptionEvent::Unsubscribed {
-                        code,
-                        reason: reason.clone(),
-                    });
+                    let _ =
+                        s.events.try_send(SubscriptionEvent::Unsubscribed { code, reason: reason.clone() });
                 }
             }
         }
@@ -557,9 +517,9 @@ impl Machine {
         };
         match p {
             Pending::Connect => match res {
-                Ok(Reply::Connected {
-                    client, node, ping_ms, ..
-                }) => self.on_connected(client, node, ping_ms),
+                Ok(Reply::Connected { client, node, ping_ms, .. }) => {
+                    self.on_connected(client, node, ping_ms)
+                }
                 Ok(other) => self.drop_connection(format!("unexpected reply to connect: {other:?}")),
                 Err(e) => self.on_connect_error(e),
             },
@@ -611,11 +571,7 @@ impl Machine {
         if self.ready.is_some() {
             // The first connection: report this error from `connect`.
             self.connect_error = Some(e);
-            self.action = Some(Action::Drop {
-                code: None,
-                reason,
-                reconnect: false,
-            });
+            self.action = Some(Action::Drop { code: None, reason, reconnect: false });
         } else if temporary {
             self.drop_connection(reason);
         } else {
@@ -625,7 +581,14 @@ impl Machine {
         }
     }
 
-    fn on_subscribe_reply(&mut self, now: Instant, id: u32, room: &str, key: u64, res: Result<Reply, ClientError>) {
+    fn on_subscribe_reply(
+        &mut self,
+        now: Instant,
+        id: u32,
+        room: &str,
+        key: u64,
+        res: Result<Reply, ClientError>,
+    ) {
         let Some(sub) = self.subs.get_mut(room) else {
             return;
         };
@@ -633,14 +596,7 @@ impl Machine {
             return;
         }
         match res {
-            Ok(Reply::Subscribed {
-                recoverable,
-                position,
-                recovered,
-                publications,
-                members,
-                ..
-            }) => {
+            Ok(Reply::Subscribed { recoverable, position, recovered, publications, members, .. }) => {
                 sub.state = SubState::Active;
                 sub.lagged = false;
                 sub.recoverable = recoverable;
@@ -649,16 +605,15 @@ impl Machine {
                     sub.tracker.on_recovered(pubs, position.clone())
                 } else {
                     if !pubs.is_empty() {
-                        tracing::warn!(room, "publications in a subscribed reply that did not recover; ignored");
+                        tracing::warn!(
+                            room,
+                            "publications in a subscribed reply that did not recover; ignored"
+                        );
                     }
                     sub.tracker.reset(position.clone());
                     Step::default()
                 };
-                let ev = SubscriptionEvent::Subscribed {
-                    recovered,
-                    position,
-                    members,
-                };
+                let ev = SubscriptionEvent::Subscribed { recovered, position, members };
                 let mut gone = deliver(sub, ev);
                 if !gone {
                     gone = deliver_step(sub, step.deliver);
@@ -674,9 +629,7 @@ impl Machine {
             }
             Ok(other) => {
                 tracing::warn!(room, reply = ?other, "unexpected reply to subscribe; retrying");
-                sub.state = SubState::Idle {
-                    retry_at: Some(now + RESUBSCRIBE_RETRY),
-                };
+                sub.state = SubState::Idle { retry_at: Some(now + RESUBSCRIBE_RETRY) };
             }
             Err(e) => {
                 if let Some(w) = sub.waiter.take() {
@@ -686,9 +639,7 @@ impl Machine {
                 }
                 match e {
                     ClientError::Server { temporary: true, .. } => {
-                        sub.state = SubState::Idle {
-                            retry_at: Some(now + RESUBSCRIBE_RETRY),
-                        };
+                        sub.state = SubState::Idle { retry_at: Some(now + RESUBSCRIBE_RETRY) };
                     }
                     e => {
                         let (code, reason) = match e {
@@ -733,11 +684,8 @@ impl Machine {
                 if let Some(mut sub) = self.subs.remove(&room) {
                     match sub.waiter.take() {
                         Some(w) => {
-                            let _ = w.send(Err(ClientError::Server {
-                                code,
-                                message: reason,
-                                temporary: false,
-                            }));
+                            let _ =
+                                w.send(Err(ClientError::Server { code, message: reason, temporary: false }));
                         }
                         None => {
                             let _ = sub.events.try_send(SubscriptionEvent::Unsubscribed { code, reason });
@@ -755,11 +703,7 @@ impl Machine {
             }
             Push::Disconnect { code, reason, reconnect } => {
                 tracing::debug!(code, %reason, reconnect, "disconnect from the node");
-                self.action = Some(Action::Drop {
-                    code: Some(code),
-                    reason,
-                    reconnect,
-                });
+                self.action = Some(Action::Drop { code: Some(code), reason, reconnect });
             }
         }
     }
@@ -780,11 +724,7 @@ impl Machine {
 
     fn drop_connection(&mut self, reason: String) {
         tracing::info!(%reason, "dropping the connection");
-        self.action = Some(Action::Drop {
-            code: None,
-            reason,
-            reconnect: true,
-        });
+        self.action = Some(Action::Drop { code: None, reason, reconnect: true });
     }
 
     /// The next request id: 1..=u32::MAX, wrapping, never 0, never one still in flight.
@@ -823,21 +763,19 @@ impl Machine {
 
     fn send_call(&mut self, command: Command, reply: ReplyTx<Reply>) {
         let skip_self = match &command {
-            Command::Publish {
-                room, skip_self: true, ..
-            } => self.subs.get_mut(room.as_str()).map(|s| {
+            Command::Publish { room, skip_self: true, .. } => self.subs.get_mut(room.as_str()).map(|s| {
                 s.tracker.self_publish_started();
                 (room.as_str().to_string(), s.key)
             }),
             _ => None,
         };
-        if let Err((e, p)) = self.send(command, Pending::Call { reply, skip_self }) {
-            if let Pending::Call { reply, skip_self } = p {
-                if let Some((room, key)) = skip_self {
-                    self.self_publish_done(&room, key, None);
-                }
-                let _ = reply.send(Err(e));
+        if let Err((e, Pending::Call { reply, skip_self })) =
+            self.send(command, Pending::Call { reply, skip_self })
+        {
+            if let Some((room, key)) = skip_self {
+                self.self_publish_done(&room, key, None);
             }
+            let _ = reply.send(Err(e));
         }
     }
 
@@ -845,11 +783,7 @@ impl Machine {
         let Some(sub) = self.subs.get(room) else {
             return;
         };
-        let recover = if sub.recoverable {
-            sub.tracker.position().cloned()
-        } else {
-            None
-        };
+        let recover = if sub.recoverable { sub.tracker.position().cloned() } else { None };
         let command = Command::Subscribe {
             room: sub.room.clone(),
             token: sub.token.clone(),
@@ -857,13 +791,7 @@ impl Machine {
             presence: sub.presence,
         };
         let key = sub.key;
-        match self.send(
-            command,
-            Pending::Subscribe {
-                room: room.to_string(),
-                key,
-            },
-        ) {
+        match self.send(command, Pending::Subscribe { room: room.to_string(), key }) {
             Ok(id) => {
                 if let Some(sub) = self.subs.get_mut(room) {
                     sub.state = SubState::Subscribing(id);
@@ -998,11 +926,7 @@ mod tests {
     impl Harness {
         /// The requests sent since the last call.
         fn sent(&mut self) -> Vec<Request> {
-            self.m
-                .take_outbox()
-                .iter()
-                .map(|b| decode_requests(ENC, b).remove(0).unwrap().unwrap())
-                .collect()
+            self.m.take_outbox().iter().map(|b| decode_requests(ENC, b).remove(0).unwrap().unwrap()).collect()
         }
         fn reply(&mut self, id: u32, reply: Reply) {
             self.m.on_message(self.now, ServerMessage::Reply { id: Some(id), reply });
@@ -1017,26 +941,22 @@ mod tests {
             assert!(matches!(&sent[0].command, Command::Connect { token: Some(t), .. } if t == "tok"));
             self.reply(
                 sent[0].id.unwrap(),
-                Reply::Connected {
-                    client: "c1".into(),
-                    node: "n1".into(),
-                    ping_ms: 1000,
-                    expires_in: None,
-                },
+                Reply::Connected { client: "c1".into(), node: "n1".into(), ping_ms: 1000, expires_in: None },
             );
         }
-        fn subscribe(&mut self, room: &str, cap: usize) -> (mpsc::Receiver<SubscriptionEvent>, oneshot::Receiver<Result<u64, ClientError>>) {
+        fn subscribe(
+            &mut self,
+            room: &str,
+            cap: usize,
+        ) -> (mpsc::Receiver<SubscriptionEvent>, oneshot::Receiver<Result<u64, ClientError>>) {
             let (tx, rx) = mpsc::channel(cap);
             let (rtx, rrx) = oneshot::channel();
-            self.m.on_op(
-                self.now,
-                Op::Subscribe {
-                    room: Room::parse(room).unwrap(),
-                    opts: SubscribeOptions::default(),
-                    events: tx,
-                    reply: rtx,
-                },
-            );
+            self.m.on_op(Op::Subscribe {
+                room: Room::parse(room).unwrap(),
+                opts: SubscribeOptions::default(),
+                events: tx,
+                reply: rtx,
+            });
             (rx, rrx)
         }
     }
@@ -1054,10 +974,7 @@ mod tests {
         Reply::Subscribed {
             room: "chat".into(),
             recoverable: true,
-            position: Some(Position {
-                offset,
-                epoch: "e".into(),
-            }),
+            position: Some(Position { offset, epoch: "e".into() }),
             recovered,
             publications: (!pubs.is_empty()).then(|| pubs.into_iter().map(publication).collect()),
             members: None,
@@ -1089,15 +1006,10 @@ mod tests {
     fn calls_wait_for_connected_then_go_in_order() {
         let mut h = harness();
         let (tx, mut rx) = oneshot::channel();
-        h.m.on_op(
-            h.now,
-            Op::Call {
-                command: Command::PresenceStats {
-                    room: Room::parse("a").unwrap(),
-                },
-                reply: tx,
-            },
-        );
+        h.m.on_op(Op::Call {
+            command: Command::PresenceStats { room: Room::parse("a").unwrap() },
+            reply: tx,
+        });
         assert!(h.sent().is_empty());
         h.connect();
         assert_eq!(h.ready.try_recv().unwrap(), Ok(()));
@@ -1153,13 +1065,7 @@ mod tests {
             .collect();
         assert_eq!(offsets, [11, 12, 13, 14, 15]);
         assert!(matches!(events[0], SubscriptionEvent::Subscribed { recovered: None, .. }));
-        assert!(matches!(
-            events[2],
-            SubscriptionEvent::Subscribed {
-                recovered: Some(true),
-                ..
-            }
-        ));
+        assert!(matches!(events[2], SubscriptionEvent::Subscribed { recovered: Some(true), .. }));
     }
 
     #[test]
@@ -1197,17 +1103,14 @@ mod tests {
         let sub = h.sent();
         h.reply(sub[0].id.unwrap(), subscribed(5, None, vec![]));
         let (tx, mut call) = oneshot::channel();
-        h.m.on_op(
-            h.now,
-            Op::Call {
-                command: Command::Publish {
-                    room: Room::parse("chat").unwrap(),
-                    data: Data::from_json("1").unwrap(),
-                    skip_self: false,
-                },
-                reply: tx,
+        h.m.on_op(Op::Call {
+            command: Command::Publish {
+                room: Room::parse("chat").unwrap(),
+                data: Data::from_json("1").unwrap(),
+                skip_self: false,
             },
-        );
+            reply: tx,
+        });
         assert_eq!(h.sent().len(), 1);
         assert!(h.m.on_disconnect(Some(4000), "shutdown".into(), true));
         assert_eq!(call.try_recv().unwrap(), Err(ClientError::Disconnected));
@@ -1246,19 +1149,8 @@ mod tests {
         h.push(Push::Ping);
         let sent = h.sent();
         assert_eq!(sent, vec![Request { id: None, command: Command::Pong }]);
-        h.push(Push::Disconnect {
-            code: 4009,
-            reason: "bye".into(),
-            reconnect: true,
-        });
-        assert!(matches!(
-            h.m.take_action(),
-            Some(Action::Drop {
-                code: Some(4009),
-                reconnect: true,
-                ..
-            })
-        ));
+        h.push(Push::Disconnect { code: 4009, reason: "bye".into(), reconnect: true });
+        assert!(matches!(h.m.take_action(), Some(Action::Drop { code: Some(4009), reconnect: true, .. })));
         assert!(!Machine::close_reconnects(Some(4001)));
         assert!(Machine::close_reconnects(Some(4003)));
         assert!(Machine::close_reconnects(None));

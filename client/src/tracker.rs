@@ -32,10 +32,7 @@ pub(crate) struct Step {
 
 impl Step {
     fn resync() -> Self {
-        Step {
-            deliver: Vec::new(),
-            resync: true,
-        }
+        Step { deliver: Vec::new(), resync: true }
     }
 }
 
@@ -55,10 +52,7 @@ pub(crate) struct Tracker {
 
 impl Tracker {
     pub(crate) fn new(pos: Option<Position>) -> Self {
-        Tracker {
-            pos,
-            ..Tracker::default()
-        }
+        Tracker { pos, ..Tracker::default() }
     }
 
     /// The last delivered position: where a `recover` starts.
@@ -82,10 +76,7 @@ impl Tracker {
     pub(crate) fn on_publication(&mut self, p: Publication) -> Step {
         let (Some(off), Some(pos)) = (p.offset, self.pos.as_mut()) else {
             // No history in this room (or no position to compare with): nothing to check.
-            return Step {
-                deliver: vec![p],
-                resync: false,
-            };
+            return Step { deliver: vec![p], resync: false };
         };
         if off <= pos.offset {
             if off == 1 {
@@ -211,10 +202,7 @@ mod tests {
         }
     }
     fn pos(offset: u64, epoch: &str) -> Position {
-        Position {
-            offset,
-            epoch: epoch.into(),
-        }
+        Position { offset, epoch: epoch.into() }
     }
     fn offsets(s: &Step) -> Vec<u64> {
         s.deliver.iter().map(|p| p.offset.unwrap()).collect()
