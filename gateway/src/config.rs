@@ -482,6 +482,22 @@ mod tests {
     }
 
     #[test]
+    fn example_config_is_valid() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/roomcast.example.toml");
+        let c = Config::from_file(Path::new(path)).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.namespaces["chat"].history_ttl, Duration::from_secs(3600));
+        assert_eq!(c.namespaces["feed"].publish, PublishRule::None);
+        // The example states the defaults: the parts it does not mark as examples agree.
+        let d = Config::default();
+        assert_eq!(
+            (c.max_message_size, c.max_queue_bytes, c.ping_ms),
+            (d.max_message_size, d.max_queue_bytes, d.ping_ms)
+        );
+        assert_eq!(c.default_namespace, d.default_namespace);
+    }
+
+    #[test]
     fn bad_values_are_named() {
         let err = |t: &str| {
             let r = Config::from_toml(t, "t").and_then(|c| c.validate());
