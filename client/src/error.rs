@@ -28,10 +28,10 @@ pub enum ClientError {
     #[error("cannot connect to {url}: {reason}")]
     Connect { url: String, reason: String },
     /// The room name is not legal (spec section 3); nothing was sent.
-    #[error("invalid room name: {0}")]
+    #[error("invalid room name")]
     InvalidRoom(#[from] RoomError),
     /// The payload cannot be expressed in the connection's encoding.
-    #[error("invalid data: {0}")]
+    #[error("invalid data")]
     Data(#[from] DataError),
     /// The node sent something the SDK did not expect (a reply of the wrong type).
     #[error("protocol error: {0}")]
