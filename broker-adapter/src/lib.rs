@@ -6,6 +6,10 @@
 //! - [`dynamic`]: [`DynBroker`], the object-safe face of any [`Broker`], so a node can pick
 //!   its broker at run time from configuration.
 //! - [`memory`]: [`MemoryBroker`], the single-node broker (no external service).
+//! - `nats` (feature `nats`, on by default): [`NatsBroker`], the cluster broker on NATS
+//!   JetStream (server 2.9+).
+//! - `redis` (feature `redis`, on by default): [`RedisBroker`], the cluster broker on Redis
+//!   or Redis Cluster.
 //!
 //! Dependencies point one way: this crate knows the protocol's types, never the gateway.
 
@@ -17,9 +21,17 @@ use roomcast_protocol::{Data, Member, Position, PublisherInfo, Room};
 
 pub mod dynamic;
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 pub use dynamic::{BrokerError, DynBroker};
 pub use memory::MemoryBroker;
+#[cfg(feature = "nats")]
+pub use nats::NatsBroker;
+#[cfg(feature = "redis")]
+pub use redis::RedisBroker;
 
 /// A publication as it travels through a broker.
 #[derive(Debug, Clone, PartialEq)]

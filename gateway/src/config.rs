@@ -10,6 +10,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::client_ip::{Cidr, ClientIpResolver, ForwardedHeader};
+use crate::limits::LimitsConfig;
+
 /// Why a configuration was refused.
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -131,8 +134,10 @@ pub struct Config {
     /// On shutdown, how long connections get to close before the process exits.
     /// Env `ROOMCAST_SHUTDOWN_GRACE_MS`. Default 10000.
     pub shutdown_grace_ms: u64,
-    /// Whether connections without a token are accepted (user ""). Default true.
-    pub allow_anonymous: bool,
+    /// Whether connections without a token are accepted (user ""). Env
+    /// `ROOMCAST_ALLOW_ANONYMOUS`. Default: true when `[auth]` configures no key, false
+    /// as soon as it does (then set it to true explicitly to keep anonymous access).
+    pub allow_anonymous: Option<bool>,
     /// Most rooms one connection may subscribe to (more: error 106). Default 512.
     pub max_subscriptions: usize,
     /// Most members a `presence` reply lists (more: error 106). Default 1000.
@@ -141,6 +146,18 @@ pub struct Config {
     pub default_namespace: NamespaceConfig,
     /// Named namespaces: `[namespaces.chat]` configures rooms `chat:*`.
     pub namespaces: BTreeMap<String, NamespaceConfig>,
+    /// Token verification (`[auth]`): algorithms, keys, JWKS, audience, issuer.
+    pub auth: roomcast_auth::AuthConfig,
+    /// Abuse limits (`[limits]`).
+    pub limits: LimitsConfig,
+    /// Networks of the load balancers in front of the node (CIDRs, e.g. "10.0.0.0/8").
+    /// Only a TCP peer in one of them is believed about the client's address
+    /// (`forwarded_header`); per-address limits then count the real client. Env
+    /// `ROOMCAST_TRUSTED_PROXIES` (comma-separated). Default: none.
+    pub trusted_proxies: Vec<Cidr>,
+    /// The header trusted proxies set: "x-forwarded-for" (default) or "forwarded"
+    /// (RFC 7239). The other one is ignored.
+    pub forwarded_header: ForwardedHeader,
 }
 
 impl Default for Config {
@@ -160,11 +177,15 @@ impl Default for Config {
             pong_timeout_ms: 10_000,
             handshake_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
-            allow_anonymous: true,
+            allow_anonymous: None,
             max_subscriptions: 512,
             max_presence_members: 1000,
             default_namespace: NamespaceConfig::default(),
             namespaces: BTreeMap::new(),
+            auth: roomcast_auth::AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            trusted_proxies: Vec::new(),
+            forwarded_header: ForwardedHeader::default(),
         }
     }
 }
@@ -261,19 +282,39 @@ impl Config {
         num(env, "ROOMCAST_PONG_TIMEOUT_MS", &mut self.pong_timeout_ms)?;
         num(env, "ROOMCAST_HANDSHAKE_TIMEOUT_MS", &mut self.handshake_timeout_ms)?;
         num(env, "ROOMCAST_SHUTDOWN_GRACE_MS", &mut self.shutdown_grace_ms)?;
+        num(env, "ROOMCAST_MAX_CONNECTIONS", &mut self.limits.max_connections)?;
+        if let Some(v) = env.var("ROOMCAST_JWT_HMAC_SECRET") {
+            self.auth.hmac_secret = Some(v);
+        }
+        if let Some(v) = env.var("ROOMCAST_JWKS_URL") {
+            self.auth.jwks_url = Some(v);
+        }
+        if let Some(v) = env.var("ROOMCAST_ALLOW_ANONYMOUS") {
+            self.allow_anonymous = Some(parse_bool(&v).ok_or_else(|| ConfigError::Env {
+                var: "ROOMCAST_ALLOW_ANONYMOUS",
+                message: format!("expected true or false, got {v:?}"),
+            })?);
+        }
+        if let Some(v) = env.var("ROOMCAST_TRUSTED_PROXIES") {
+            self.trusted_proxies = v
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .map_err(|message| ConfigError::Env { var: "ROOMCAST_TRUSTED_PROXIES", message })?;
+        }
         Ok(())
     }
 
     /// Checks every value; run before binding.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
-        if let Some(id) = &self.node_id {
-            if id.is_empty()
+        if let Some(id) = &self.node_id
+            && (id.is_empty()
                 || id.len() > 64
-                || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-            {
-                return Err(invalid("node_id", "1 to 64 characters of A-Z a-z 0-9 - _ ."));
-            }
+                || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
+        {
+            return Err(invalid("node_id", "1 to 64 characters of A-Z a-z 0-9 - _ ."));
         }
         BackendUrl::parse("broker", &self.broker)?;
         if let Some(p) = &self.presence {
@@ -322,7 +363,26 @@ impl Config {
             }
             validate_namespace(&format!("namespaces.{name}"), ns)?;
         }
+        self.limits.check().map_err(|(field, message)| invalid(field, message))?;
+        self.verifier()?;
         Ok(())
+    }
+
+    /// Whether connections without a token are accepted: `allow_anonymous`, or by default
+    /// only when no key is configured.
+    pub fn anonymous_allowed(&self) -> bool {
+        self.allow_anonymous.unwrap_or(!self.auth.has_keys())
+    }
+
+    /// The token verifier of `[auth]` (`None` without keys); key files and a JWKS file
+    /// are read and checked here.
+    pub fn verifier(&self) -> Result<Option<roomcast_auth::Verifier>, ConfigError> {
+        roomcast_auth::Verifier::new(&self.auth).map_err(|e| invalid(e.field, e.message))
+    }
+
+    /// How client addresses are found (trusted proxies).
+    pub fn client_ip_resolver(&self) -> ClientIpResolver {
+        ClientIpResolver { trusted: self.trusted_proxies.clone(), header: self.forwarded_header }
     }
 
     /// The listen address.
@@ -368,6 +428,14 @@ fn validate_namespace(field: &str, ns: &NamespaceConfig) -> Result<(), ConfigErr
         // join/leave without presence is allowed: pushes do not need the member list.
     }
     Ok(())
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.trim() {
+        "1" | "true" | "on" | "yes" => Some(true),
+        "0" | "false" | "off" | "no" => Some(false),
+        _ => None,
+    }
 }
 
 /// Where a broker or presence lives.
@@ -513,5 +581,75 @@ mod tests {
         assert!(err("ping_ms = 0").contains("ping_ms"));
         let env: BTreeMap<&str, &str> = [("ROOMCAST_PING_MS", "soon")].into();
         assert!(Config::default().apply_env(&env).unwrap_err().to_string().contains("ROOMCAST_PING_MS"));
+    }
+
+    #[test]
+    fn auth_limits_and_proxies() {
+        // Anonymous access: on without keys; off once a key is configured, unless set.
+        let c = Config::load(None, &BTreeMap::new()).unwrap();
+        assert!(c.anonymous_allowed() && c.verifier().unwrap().is_none());
+        let secret = "0123456789abcdef0123456789abcdef";
+        let env: BTreeMap<&str, &str> = [("ROOMCAST_JWT_HMAC_SECRET", secret)].into();
+        let c = Config::load(None, &env).unwrap();
+        assert!(!c.anonymous_allowed() && c.verifier().unwrap().is_some());
+        let env: BTreeMap<&str, &str> =
+            [("ROOMCAST_JWT_HMAC_SECRET", secret), ("ROOMCAST_ALLOW_ANONYMOUS", "true")].into();
+        assert!(Config::load(None, &env).unwrap().anonymous_allowed());
+        let env: BTreeMap<&str, &str> = [("ROOMCAST_ALLOW_ANONYMOUS", "maybe")].into();
+        assert!(Config::load(None, &env).unwrap_err().to_string().contains("ROOMCAST_ALLOW_ANONYMOUS"));
+        let env: BTreeMap<&str, &str> = [("ROOMCAST_JWT_HMAC_SECRET", "short")].into();
+        assert!(Config::load(None, &env).unwrap_err().to_string().contains("auth.hmac_secret"));
+
+        let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/keys");
+        let c = Config::from_toml(
+            &format!(
+                r#"
+                trusted_proxies = ["10.0.0.0/8", "::1"]
+                forwarded_header = "forwarded"
+                [auth]
+                algorithms = ["HS256", "RS256"]
+                hmac_secret = "{secret}"
+                audience = "roomcast"
+                issuer = ["a", "b"]
+                [[auth.keys]]
+                algorithm = "RS256"
+                kid = "k1"
+                file = "{keys}/rsa_public.pem"
+                [limits]
+                connection_rate_per_ip = 5
+                max_connections = 10
+                "#
+            ),
+            "t",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert!(!c.anonymous_allowed());
+        assert_eq!(c.limits.connection_rate_per_ip, 5.0);
+        assert_eq!((c.limits.max_connections, c.limits.max_connections_per_user), (10, 100));
+        let r = c.client_ip_resolver();
+        assert_eq!((r.trusted.len(), r.header), (2, ForwardedHeader::Forwarded));
+        let env: BTreeMap<&str, &str> = [("ROOMCAST_TRUSTED_PROXIES", "192.168.0.0/16, 127.0.0.1")].into();
+        let mut c2 = c.clone();
+        c2.apply_env(&env).unwrap();
+        assert_eq!(c2.trusted_proxies.len(), 2);
+        let env: BTreeMap<&str, &str> = [("ROOMCAST_TRUSTED_PROXIES", "everyone")].into();
+        assert!(c2.apply_env(&env).unwrap_err().to_string().contains("ROOMCAST_TRUSTED_PROXIES"));
+
+        let err = |t: &str| {
+            let r = Config::from_toml(t, "t").and_then(|c| c.validate());
+            r.unwrap_err().to_string()
+        };
+        let pem = "[[auth.keys]]\nalgorithm = \"RS256\"\npem = \"-----BEGIN PUBLIC KEY-----\\nAAAA\\n-----END PUBLIC KEY-----\"";
+        assert!(err(pem).contains("auth.keys[0].pem"), "{}", err(pem));
+        let none = format!("[auth]\nhmac_secret = \"{secret}\"\nalgorithms = [\"HS256\", \"none\"]");
+        assert!(err(&none).contains("auth.algorithms"));
+        let ps256 = format!("[[auth.keys]]\nalgorithm = \"PS256\"\nfile = \"{keys}/rsa_public.pem\"");
+        assert!(err(&ps256).contains("PS256"));
+        assert!(err("[auth]\njwks_url = \"http://idp.example/jwks\"").contains("auth.jwks_url"));
+        assert!(err("[auth]\nunknown = 1").contains("unknown"));
+        assert!(err("trusted_proxies = [\"10.0.0.0/40\"]").contains("prefix"));
+        assert!(err("[limits]\ncommands_per_second = -1").contains("limits.commands_per_second"));
+        assert!(err("[limits]\nconnection_burst_per_ip = 0").contains("limits.connection_burst_per_ip"));
     }
 }

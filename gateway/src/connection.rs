@@ -16,6 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, sleep_until};
 use tracing::Instrument;
 
+use crate::limits::LimitCounters;
 use crate::node::Node;
 use crate::outbound::Encoded;
 use crate::session::{Flow, Session};
@@ -68,12 +69,12 @@ fn write_messages(out: &mut Vec<u8>, enc: Encoding, deflate: Option<usize>, msgs
     };
     for m in msgs {
         let raw = m.raw();
-        if let Some(min) = deflate {
-            if raw.len() >= min {
-                flush(out, &mut batch, &mut batch_len);
-                frame::write_frame(out, opcode, true, m.deflated());
-                continue;
-            }
+        if let Some(min) = deflate
+            && raw.len() >= min
+        {
+            flush(out, &mut batch, &mut batch_len);
+            frame::write_frame(out, opcode, true, m.deflated());
+            continue;
         }
         let add = raw.len() + if batch.is_empty() { 0 } else { sep.len() };
         if batch_len + add > MAX_COALESCED && !batch.is_empty() {
@@ -99,7 +100,10 @@ pub async fn serve<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let session = Session::new(node.clone(), neg.encoding);
+    let mut session = Session::new(node.clone(), neg.encoding);
+    if remote.is_some_and(|a| node.limits.is_exempt(a.ip())) {
+        session.exempt_from_command_rate();
+    }
     let span = tracing::info_span!(
         "conn",
         client = %session.client(),
@@ -140,6 +144,8 @@ async fn run<R, W>(
     let mut next_ping: Option<Instant> = None;
     let mut pong_deadline: Option<Instant> = None;
     let mut close_deadline: Option<Instant> = None;
+    // When the connection token expires (close 4004 unless refreshed).
+    let mut expiry_deadline: Option<Instant> = None;
     let timer = sleep_until(now + Duration::from_secs(86_400));
     tokio::pin!(timer);
     tracing::debug!("connection open");
@@ -176,11 +182,14 @@ async fn run<R, W>(
             break 'conn;
         }
 
-        let next = [handshake_deadline, next_ping, pong_deadline, close_deadline].into_iter().flatten().min();
-        if let Some(n) = next {
-            if timer.deadline() != n {
-                timer.as_mut().reset(n);
-            }
+        let next = [handshake_deadline, next_ping, pong_deadline, close_deadline, expiry_deadline]
+            .into_iter()
+            .flatten()
+            .min();
+        if let Some(n) = next
+            && timer.deadline() != n
+        {
+            timer.as_mut().reset(n);
         }
 
         tokio::select! {
@@ -214,6 +223,7 @@ async fn run<R, W>(
                             break;
                         }
                         Err(FrameError::TooLarge(_)) => {
+                            LimitCounters::inc(&node.limits.counters.messages_too_large);
                             session.outbound().close(CloseCode::MessageTooLarge);
                             reading = false;
                             break;
@@ -249,6 +259,7 @@ async fn run<R, W>(
                             if session.take_pong() {
                                 pong_deadline = None;
                             }
+                            expiry_deadline = session.expires_at();
                             if let Flow::Close(code) = flow {
                                 session.outbound().close(code);
                                 reading = false;
@@ -267,10 +278,17 @@ async fn run<R, W>(
                 }
                 if handshake_deadline.is_some_and(|d| d <= now) {
                     handshake_deadline = None;
+                    LimitCounters::inc(&node.limits.counters.handshake_timeouts);
                     session.outbound().close(CloseCode::HandshakeTimeout);
+                }
+                if expiry_deadline.is_some_and(|d| d <= now) {
+                    expiry_deadline = None;
+                    LimitCounters::inc(&node.limits.counters.tokens_expired);
+                    session.outbound().close(CloseCode::TokenExpired);
                 }
                 if pong_deadline.is_some_and(|d| d <= now) {
                     pong_deadline = None;
+                    LimitCounters::inc(&node.limits.counters.pong_timeouts);
                     session.outbound().close(CloseCode::PongTimeout);
                 }
                 if next_ping.is_some_and(|d| d <= now) {

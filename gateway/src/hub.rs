@@ -63,13 +63,28 @@ struct Subscriber {
     session: Arc<SessionHandle>,
     /// Events held back while the subscription is being set up; `None` once live.
     pending: Option<PendingEvents>,
+    /// The position the `subscribed` reply reported: publications of that epoch at or
+    /// below it were in the reply (or before it) and must not be delivered again, even if
+    /// a broker delivers them late. Cleared by the first newer publication.
+    seen: Option<StreamPos>,
 }
 
 #[derive(Debug, Default)]
 struct PendingEvents {
-    /// Each event with its offset (publications in rooms with history).
-    events: Vec<(Option<u64>, Arc<Encoded>)>,
+    /// Each event with its position (publications in rooms with history).
+    events: Vec<(Option<StreamPos>, Arc<Encoded>)>,
     bytes: usize,
+}
+
+/// A publication's position: its epoch and offset.
+type StreamPos = (Arc<str>, u64);
+
+/// Whether a publication at `pos` is covered by `seen` (same epoch, offset not above).
+fn covered(seen: &Option<StreamPos>, pos: &Option<StreamPos>) -> bool {
+    match (seen, pos) {
+        (Some((se, so)), Some((pe, po))) => se == pe && po <= so,
+        _ => false,
+    }
 }
 
 type Shard = HashMap<Room, Arc<RoomSubscribers>>;
@@ -85,6 +100,8 @@ pub struct Hub {
     /// Bound of a pending subscriber's buffered events, in bytes.
     pending_limit: usize,
     sessions: AtomicUsize,
+    /// Connected sessions per user on this node (anonymous ones are not counted).
+    users: Mutex<HashMap<Arc<str>, usize>>,
 }
 
 fn shard_of(room: &Room) -> usize {
@@ -131,6 +148,7 @@ impl Hub {
             control: tx,
             pending_limit,
             sessions: AtomicUsize::new(0),
+            users: Mutex::new(HashMap::new()),
         };
         (hub, rx)
     }
@@ -152,7 +170,11 @@ impl Hub {
                 .clone();
             let new = {
                 let mut subs = rs.subs.lock();
-                subs.push(Subscriber { session: session.clone(), pending: Some(PendingEvents::default()) });
+                subs.push(Subscriber {
+                    session: session.clone(),
+                    pending: Some(PendingEvents::default()),
+                    seen: None,
+                });
                 subs.len() == 1
             };
             let failed = matches!(*rs.broker.borrow(), BrokerState::Failed(_));
@@ -178,31 +200,34 @@ impl Hub {
         }
     }
 
-    /// Makes a pending subscriber live: queues `reply`, then the buffered events with an
-    /// offset above `after` (all of them when `after` is `None`). Returns `false` when the
-    /// subscriber is no longer there.
+    /// Makes a pending subscriber live: queues `reply`, then the buffered events that
+    /// `after` (the reply's position) does not cover. Returns `false` when the subscriber
+    /// is no longer there.
     pub fn activate(
         &self,
         rs: &RoomSubscribers,
         client: &str,
         reply: Arc<Encoded>,
-        after: Option<u64>,
+        after: Option<(&str, u64)>,
     ) -> bool {
         let mut subs = rs.subs.lock();
         let Some(sub) = subs.iter_mut().find(|s| &*s.session.client == client) else {
             return false;
         };
         let pending = sub.pending.take().unwrap_or_default();
+        sub.seen = after.map(|(e, o)| (Arc::from(e), o));
         let out = &sub.session.outbound;
         if out.push(reply) != Pushed::Queued {
             return true;
         }
-        for (offset, event) in pending.events {
-            let newer = match (offset, after) {
-                (Some(o), Some(a)) => o > a,
-                _ => true,
-            };
-            if newer && out.push(event) != Pushed::Queued {
+        for (pos, event) in pending.events {
+            if covered(&sub.seen, &pos) {
+                continue;
+            }
+            if pos.is_some() {
+                sub.seen = None;
+            }
+            if out.push(event) != Pushed::Queued {
                 break;
             }
         }
@@ -262,9 +287,40 @@ impl Hub {
         self.sessions.load(Ordering::Relaxed)
     }
 
+    /// Counts a connection of `user` in, unless the user has `max` already (0: no
+    /// limit). Per node; the cluster-wide count needs the cluster's presence of nodes.
+    pub fn try_add_user(&self, user: &Arc<str>, max: usize) -> bool {
+        let mut users = self.users.lock();
+        let n = users.entry(user.clone()).or_insert(0);
+        if max != 0 && *n >= max {
+            if *n == 0 {
+                users.remove(user);
+            }
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Counts a connection of `user` out.
+    pub fn remove_user(&self, user: &str) {
+        let mut users = self.users.lock();
+        if let Some(n) = users.get_mut(user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                users.remove(user);
+            }
+        }
+    }
+
+    /// Connections of `user` on this node.
+    pub fn user_connections(&self, user: &str) -> usize {
+        self.users.lock().get(user).copied().unwrap_or(0)
+    }
+
     /// Delivers one event to the room's local subscribers except `skip`, encoding it at
     /// most once per encoding.
-    fn fan_out(&self, room: &Room, msg: &ServerMessage, offset: Option<u64>, skip: Option<&str>) -> usize {
+    fn fan_out(&self, room: &Room, msg: &ServerMessage, pos: Option<StreamPos>, skip: Option<&str>) -> usize {
         let Some(rs) = self.room(room) else {
             return 0;
         };
@@ -286,10 +342,16 @@ impl Hub {
                         sub.session.outbound.close(roomcast_protocol::CloseCode::SlowConsumer);
                         p.events = Vec::new();
                     } else {
-                        p.events.push((offset, enc));
+                        p.events.push((pos.clone(), enc));
                     }
                 }
                 None => {
+                    if sub.seen.is_some() && pos.is_some() {
+                        if covered(&sub.seen, &pos) {
+                            continue;
+                        }
+                        sub.seen = None;
+                    }
                     if sub.session.outbound.push(enc) == Pushed::Queued {
                         delivered += 1;
                     }
@@ -310,7 +372,11 @@ impl Hub {
             data: p.data.clone(),
             info: p.info.clone(),
         }));
-        self.fan_out(&p.room, &msg, p.offset, p.skip_client.as_deref())
+        let pos = match (&p.epoch, p.offset) {
+            (Some(e), Some(o)) => Some((Arc::from(e.as_str()), o)),
+            _ => None,
+        };
+        self.fan_out(&p.room, &msg, pos, p.skip_client.as_deref())
     }
 
     /// Fans a join or leave out, to everyone but the member itself.
@@ -384,9 +450,30 @@ mod tests {
         assert!(a.outbound.is_empty());
         // History said the position is 3: 4 and 5 follow the reply, 1..3 were in it.
         let reply = Encoded::new(bytes::Bytes::from_static(b"{\"type\":\"ping\"}"));
-        assert!(hub.activate(&rs, "a", reply, Some(3)));
+        assert!(hub.activate(&rs, "a", reply, Some(("e", 3))));
         hub.deliver_publication(&publication(&room, 6));
         assert_eq!(offsets(&a), vec![None, Some(4), Some(5), Some(6)]);
+    }
+
+    #[tokio::test]
+    async fn late_deliveries_covered_by_the_reply_are_dropped() {
+        let (hub, _rx) = Hub::new(1 << 20);
+        let room = Room::parse("r").unwrap();
+        let a = handle("a", Encoding::Msgpack);
+        let rs = hub.add(&room, &a).await;
+        let reply = Encoded::new(bytes::Bytes::from_static(&[
+            0x81, 0xa4, b't', b'y', b'p', b'e', 0xa4, b'p', b'i', b'n', b'g',
+        ]));
+        // The history read saw offsets up to 5; 4 and 5 reach the node only afterwards.
+        assert!(hub.activate(&rs, "a", reply, Some(("e", 5))));
+        for o in [4, 5, 6, 7] {
+            hub.deliver_publication(&publication(&room, o));
+        }
+        // A new epoch restarts at 1 and is delivered.
+        let mut p = publication(&room, 1);
+        p.epoch = Some("f".into());
+        hub.deliver_publication(&p);
+        assert_eq!(offsets(&a), vec![None, Some(6), Some(7), Some(1)]);
     }
 
     #[tokio::test]

@@ -9,10 +9,14 @@
 //! - [`hub`]: this node's subscriptions by room, and fan-out.
 //! - [`node`]: owns the hub, broker, presence and configuration.
 //! - [`config`]: typed configuration from TOML and environment.
+//! - [`limits`]: abuse limits (connection and command rates, connection counts) and
+//!   their counters; [`client_ip`]: the client's address behind trusted proxies.
 
+pub mod client_ip;
 pub mod config;
 pub mod connection;
 pub mod hub;
+pub mod limits;
 pub mod node;
 pub mod outbound;
 pub mod server;

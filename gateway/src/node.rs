@@ -27,6 +27,8 @@ pub enum NodeError {
     Unsupported { what: &'static str, url: String },
     #[error("broker: {0}")]
     Broker(#[from] roomcast_broker::BrokerError),
+    #[error("presence: {0}")]
+    Presence(#[from] roomcast_presence::PresenceError),
 }
 
 /// One gateway process.
@@ -44,6 +46,10 @@ pub struct Node {
     pub shutdown: CancellationToken,
     /// Every connection task, so that shutdown can wait for them to finish.
     pub tasks: TaskTracker,
+    /// Token verification; `None` when no key is configured.
+    pub verifier: Option<Arc<roomcast_auth::Verifier>>,
+    /// Abuse limits and their counters.
+    pub limits: Arc<crate::limits::Limits>,
 }
 
 impl std::fmt::Debug for Node {
@@ -80,14 +86,35 @@ impl Node {
         config.validate()?;
         let broker: Arc<dyn DynBroker> = match config.broker_url()? {
             BackendUrl::Memory => Arc::new(MemoryBroker::new()),
-            BackendUrl::Redis(url) | BackendUrl::Nats(url) => {
-                return Err(NodeError::Unsupported { what: "broker", url });
+            BackendUrl::Redis(url) => {
+                let broker = roomcast_broker::RedisBroker::connect_url(&url)
+                    .await
+                    .map_err(|e| roomcast_broker::BrokerError(Box::new(e)))?;
+                Arc::new(broker)
+            }
+            BackendUrl::Nats(url) => {
+                let config = roomcast_broker::nats::NatsBrokerConfig::new(url);
+                let broker = roomcast_broker::NatsBroker::connect(config)
+                    .await
+                    .map_err(|e| roomcast_broker::BrokerError(Box::new(e)))?;
+                Arc::new(broker)
             }
         };
         let presence: Arc<dyn DynPresence> = match config.presence_url()? {
             BackendUrl::Memory => Arc::new(MemoryPresence::new()),
-            BackendUrl::Redis(url) | BackendUrl::Nats(url) => {
-                return Err(NodeError::Unsupported { what: "presence", url });
+            BackendUrl::Redis(url) => {
+                // Members must be added again every `refresh_every()` or they expire.
+                let presence = roomcast_presence::RedisPresence::connect_url(&url)
+                    .await
+                    .map_err(|e| roomcast_presence::PresenceError(Box::new(e)))?;
+                Arc::new(presence)
+            }
+            BackendUrl::Nats(url) => {
+                let config = roomcast_presence::nats::NatsPresenceConfig::new(url);
+                let presence = roomcast_presence::NatsPresence::connect(config)
+                    .await
+                    .map_err(|e| roomcast_presence::PresenceError(Box::new(e)))?;
+                Arc::new(presence)
             }
         };
         let mut namespaces = HashMap::new();
@@ -95,6 +122,12 @@ impl Node {
         for (name, ns) in &config.namespaces {
             namespaces.insert(Some(name.clone()), Arc::new(ns.clone()));
         }
+        let verifier = config.verifier()?.map(Arc::new);
+        if let Some(v) = &verifier {
+            // Ends by itself when the verifier is dropped.
+            v.start_background();
+        }
+        let limits = Arc::new(crate::limits::Limits::new(config.limits.clone(), config.client_ip_resolver()));
         let (hub, control) = Hub::new(config.max_queue_bytes);
         let hub = Arc::new(hub);
         broker.start(Arc::new(NodeEvents { hub: hub.clone() })).await?;
@@ -107,6 +140,8 @@ impl Node {
             presence,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            verifier,
+            limits,
         });
         tokio::spawn(run_broker_control(Arc::downgrade(&node.hub), node.broker.clone(), control));
         Ok(node)

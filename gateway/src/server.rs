@@ -15,6 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::connection;
+use crate::limits::LimitCounters;
 use crate::node::Node;
 use crate::ws::handshake::{self, DEFLATE_RESPONSE};
 
@@ -51,6 +52,28 @@ async fn ws_upgrade(
         Ok(n) => n,
         Err(e) => return plain(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
+    // Limits, before anything is allocated for the connection.
+    let limits = &node.limits;
+    let client_ip = limits.client_ip.resolve(remote.ip(), req.headers());
+    limits.note_forwarding_header(remote.ip(), req.headers());
+    let exempt = limits.is_exempt(client_ip);
+    if let Some(rate) = limits.ip_rate.as_ref().filter(|_| !exempt)
+        && !rate.allow(client_ip, tokio::time::Instant::now())
+    {
+        LimitCounters::inc(&limits.counters.connections_rate_limited);
+        tracing::debug!(client = %client_ip, "connection rate limit");
+        let mut r = plain(StatusCode::TOO_MANY_REQUESTS, "too many connections from this address\n".into());
+        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return r;
+    }
+    let Some(slot) = limits.slots.try_acquire(limits.config.max_connections) else {
+        LimitCounters::inc(&limits.counters.connections_over_node_limit);
+        tracing::debug!(client = %client_ip, "connection limit of the node");
+        let mut r = plain(StatusCode::SERVICE_UNAVAILABLE, "this node is at its connection limit\n".into());
+        r.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        return r;
+    };
+    let remote = SocketAddr::new(client_ip, if client_ip == remote.ip() { remote.port() } else { 0 });
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return plain(StatusCode::UPGRADE_REQUIRED, "connection cannot be upgraded\n".into());
     };
@@ -67,6 +90,8 @@ async fn ws_upgrade(
     }
     let task_node = node.clone();
     node.tasks.spawn(async move {
+        // Held as long as the connection lives.
+        let _slot = slot;
         let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {

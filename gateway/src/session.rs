@@ -11,8 +11,12 @@ use roomcast_protocol::{
     Request, Room, ServerMessage, decode_requests,
 };
 
+use roomcast_auth::{RoomGrants, TokenError};
+use tokio::time::Instant;
+
 use crate::config::{NamespaceConfig, PublishRule, SubscribeRule};
 use crate::hub::{Hub, SessionHandle};
+use crate::limits::{CommandLimiter, CommandVerdict, LimitCounters};
 use crate::node::{Node, random_id};
 use crate::outbound::{Encoded, Outbound};
 
@@ -55,6 +59,15 @@ pub struct Session {
     subs: HashMap<Room, Subscription>,
     /// A `pong` arrived since the connection last looked.
     pong_seen: bool,
+    /// The connection token's `rooms` claim.
+    rooms: RoomGrants,
+    /// When the connection token expires (the connection is closed with 4004 unless it
+    /// is refreshed before).
+    expires_at: Option<Instant>,
+    /// Whether this session is counted in the hub's per-user connections.
+    user_counted: bool,
+    /// The command rate (`None` when off).
+    commands: Option<CommandLimiter>,
 }
 
 impl std::fmt::Debug for Session {
@@ -76,7 +89,19 @@ impl Session {
             outbound: Outbound::new(node.config.max_queue_bytes),
         });
         node.hub.session_opened();
-        Session { node, handle, connected: false, info: None, subs: HashMap::new(), pong_seen: false }
+        let commands = CommandLimiter::new(&node.limits.config, Instant::now());
+        Session {
+            node,
+            handle,
+            connected: false,
+            info: None,
+            subs: HashMap::new(),
+            pong_seen: false,
+            rooms: RoomGrants::default(),
+            expires_at: None,
+            user_counted: false,
+            commands,
+        }
     }
 
     /// The client id.
@@ -92,6 +117,16 @@ impl Session {
     /// Whether `connect` succeeded.
     pub fn is_connected(&self) -> bool {
         self.connected
+    }
+
+    /// Turns the command rate off for this connection (a loopback client).
+    pub fn exempt_from_command_rate(&mut self) {
+        self.commands = None;
+    }
+
+    /// When the connection token expires, if it does.
+    pub fn expires_at(&self) -> Option<Instant> {
+        self.expires_at
     }
 
     /// Whether a `pong` arrived since the last call.
@@ -133,12 +168,33 @@ impl Session {
 
     async fn handle_request(&mut self, req: Request) -> Flow {
         let id = req.id;
+        if !matches!(req.command, Command::Pong)
+            && let Some(limiter) = &mut self.commands
+        {
+            match limiter.check(Instant::now()) {
+                CommandVerdict::Allow => {}
+                CommandVerdict::Limited => {
+                    LimitCounters::inc(&self.node.limits.counters.commands_rate_limited);
+                    self.send(&ServerMessage::error(
+                        id,
+                        ErrorCode::TooManyRequests,
+                        "too many requests, slow down",
+                    ));
+                    return Flow::Continue;
+                }
+                CommandVerdict::Close => {
+                    LimitCounters::inc(&self.node.limits.counters.commands_rate_limited);
+                    LimitCounters::inc(&self.node.limits.counters.closed_too_many_requests);
+                    return Flow::Close(CloseCode::TooManyRequests);
+                }
+            }
+        }
         if !self.connected && !matches!(req.command, Command::Connect { .. }) {
             self.send(&ServerMessage::error(id, ErrorCode::NotConnected, "send connect first"));
             return Flow::Continue;
         }
         let result = match req.command {
-            Command::Connect { token, .. } => return self.connect(id, token),
+            Command::Connect { token, .. } => return self.connect(id, token).await,
             Command::Subscribe { room, token, recover, presence } => {
                 // Replies itself (through the hub) on success.
                 match self.subscribe(id, room, token, recover, presence).await {
@@ -156,9 +212,7 @@ impl Session {
             Command::Rpc { .. } => {
                 Err(Failure::new(ErrorCode::BackendUnavailable, "no RPC backend is configured on this node"))
             }
-            Command::Refresh { .. } => {
-                Err(Failure::new(ErrorCode::NotAvailable, "tokens are not configured on this node"))
-            }
+            Command::Refresh { token } => return self.refresh(id, token).await,
             Command::Pong => {
                 self.pong_seen = true;
                 Ok(None)
@@ -172,24 +226,88 @@ impl Session {
         Flow::Continue
     }
 
-    fn connect(&mut self, id: Option<u32>, token: Option<String>) -> Flow {
+    /// Counts a refused token and picks its error code.
+    fn token_failure(&self, e: &TokenError) -> ErrorCode {
+        let c = &self.node.limits.counters;
+        if e.is_expired() {
+            LimitCounters::inc(&c.tokens_expired);
+            ErrorCode::TokenExpired
+        } else {
+            LimitCounters::inc(&c.tokens_refused);
+            ErrorCode::Unauthorized
+        }
+    }
+
+    /// The deadline of a token expiring at `exp` (Unix seconds), leeway included.
+    fn deadline(&self, exp: u64) -> Instant {
+        Instant::now()
+            + roomcast_auth::time_until(exp)
+            + std::time::Duration::from_secs(self.node.config.auth.leeway_secs)
+    }
+
+    async fn connect(&mut self, id: Option<u32>, token: Option<String>) -> Flow {
         if self.connected {
             self.send(&ServerMessage::error(id, ErrorCode::BadRequest, "already connected"));
             return Flow::Continue;
         }
-        if token.is_some() {
-            // The seam for tokens: no key is configured, so no token can be verified.
-            self.send(&ServerMessage::error(
-                id,
-                ErrorCode::Unauthorized,
-                "tokens are not configured on this node",
-            ));
-            return Flow::Close(CloseCode::Unauthorized);
+        // An empty token is no token.
+        let token = token.filter(|t| !t.is_empty());
+        let (user, info, rooms, expires) = match token {
+            Some(token) => {
+                let Some(verifier) = self.node.verifier.clone() else {
+                    LimitCounters::inc(&self.node.limits.counters.tokens_refused);
+                    self.send(&ServerMessage::error(
+                        id,
+                        ErrorCode::Unauthorized,
+                        "tokens are not configured on this node",
+                    ));
+                    return Flow::Close(CloseCode::Unauthorized);
+                };
+                match verifier.verify_connection(&token).await {
+                    Ok(t) => (t.user, t.info, t.rooms, Some(t.expires_at)),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "connection token refused");
+                        let code = self.token_failure(&e);
+                        self.send(&ServerMessage::error(id, code, e.to_string()));
+                        return Flow::Close(if e.is_expired() {
+                            CloseCode::TokenExpired
+                        } else {
+                            CloseCode::Unauthorized
+                        });
+                    }
+                }
+            }
+            None if !self.node.config.anonymous_allowed() => {
+                LimitCounters::inc(&self.node.limits.counters.tokens_refused);
+                self.send(&ServerMessage::error(id, ErrorCode::Unauthorized, "a token is required"));
+                return Flow::Close(CloseCode::Unauthorized);
+            }
+            None => (String::new(), None, RoomGrants::default(), None),
+        };
+        let user: Arc<str> = user.into();
+        if !user.is_empty() {
+            if !self.node.hub.try_add_user(&user, self.node.limits.config.max_connections_per_user) {
+                LimitCounters::inc(&self.node.limits.counters.connections_over_user_limit);
+                tracing::debug!(user = %user, "connection limit per user reached");
+                return Flow::Close(CloseCode::ConnectionLimit);
+            }
+            self.user_counted = true;
         }
-        if !self.node.config.allow_anonymous {
-            self.send(&ServerMessage::error(id, ErrorCode::Unauthorized, "a token is required"));
-            return Flow::Close(CloseCode::Unauthorized);
+        // Nothing else holds the handle before `connect` (no subscription yet).
+        match Arc::get_mut(&mut self.handle) {
+            Some(h) => h.user = user,
+            None => {
+                if self.user_counted {
+                    self.node.hub.remove_user(&user);
+                    self.user_counted = false;
+                }
+                self.send(&ServerMessage::error(id, ErrorCode::Internal, "internal error, try again"));
+                return Flow::Continue;
+            }
         }
+        self.info = info;
+        self.rooms = rooms;
+        self.expires_at = expires.map(|exp| self.deadline(exp));
         self.connected = true;
         self.send(&ServerMessage::Reply {
             id,
@@ -197,10 +315,57 @@ impl Session {
                 client: self.handle.client.to_string(),
                 node: self.node.id.clone(),
                 ping_ms: self.node.config.ping_ms,
-                expires_in: None,
+                expires_in: expires.map(|exp| roomcast_auth::time_until(exp).as_secs()),
             },
         });
         Flow::Continue
+    }
+
+    /// `refresh`: a new connection token for the same user moves the expiry.
+    async fn refresh(&mut self, id: Option<u32>, token: String) -> Flow {
+        let Some(verifier) = self.node.verifier.clone() else {
+            self.send(&ServerMessage::error(
+                id,
+                ErrorCode::NotAvailable,
+                "tokens are not configured on this node",
+            ));
+            return Flow::Continue;
+        };
+        match verifier.verify_connection(&token).await {
+            Ok(t) if *t.user != *self.handle.user => {
+                LimitCounters::inc(&self.node.limits.counters.tokens_refused);
+                self.send(&ServerMessage::error(
+                    id,
+                    ErrorCode::Unauthorized,
+                    "the token is for another user",
+                ));
+                Flow::Close(CloseCode::Unauthorized)
+            }
+            Ok(t) => {
+                self.expires_at = Some(self.deadline(t.expires_at));
+                self.rooms = t.rooms;
+                self.send(&ServerMessage::Reply {
+                    id,
+                    reply: Reply::Refreshed {
+                        expires_in: Some(roomcast_auth::time_until(t.expires_at).as_secs()),
+                    },
+                });
+                Flow::Continue
+            }
+            // An expired refresh token: the connection keeps its current expiry and may
+            // try again before it.
+            Err(e) if e.is_expired() => {
+                let code = self.token_failure(&e);
+                self.send(&ServerMessage::error(id, code, e.to_string()));
+                Flow::Continue
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "refresh token refused");
+                let code = self.token_failure(&e);
+                self.send(&ServerMessage::error(id, code, e.to_string()));
+                Flow::Close(CloseCode::Unauthorized)
+            }
+        }
     }
 
     fn namespace(&self, room: &Room) -> Result<Arc<NamespaceConfig>, Failure> {
@@ -212,8 +377,9 @@ impl Session {
         })
     }
 
-    /// Whether the subscribe rule lets this connection into `room` (without a token).
-    fn may_subscribe(&self, ns: &NamespaceConfig, room: &Room, token: Option<&str>) -> Result<(), Failure> {
+    /// Whether the subscribe rule lets this connection into `room` without a subscription
+    /// token (in a `token` namespace: the connection token's `rooms` claim grants it).
+    fn may_subscribe(&self, ns: &NamespaceConfig, room: &Room) -> Result<(), Failure> {
         let denied = |m: &str| Err(Failure::new(ErrorCode::PermissionDenied, m));
         match ns.subscribe {
             SubscribeRule::Public => Ok(()),
@@ -225,12 +391,33 @@ impl Session {
                 Ok(())
             }
             SubscribeRule::User => denied("this room belongs to another user"),
-            SubscribeRule::Token => match token {
-                None => denied("a subscription token is required"),
-                Some(_) => {
-                    Err(Failure::new(ErrorCode::Unauthorized, "tokens are not configured on this node"))
-                }
-            },
+            SubscribeRule::Token if self.rooms.allows(room.as_str()) => Ok(()),
+            SubscribeRule::Token => denied("a subscription token is required"),
+        }
+    }
+
+    /// Checks the rule for a `subscribe`, with its token in a `token` namespace; returns
+    /// the subscription token's `info` (the member's `room_info`).
+    async fn check_subscribe(
+        &self,
+        ns: &NamespaceConfig,
+        room: &Room,
+        token: Option<String>,
+    ) -> Result<Option<Data>, Failure> {
+        let token = token.filter(|t| !t.is_empty());
+        let (SubscribeRule::Token, Some(token)) = (ns.subscribe, token) else {
+            return self.may_subscribe(ns, room).map(|()| None);
+        };
+        let Some(verifier) = self.node.verifier.clone() else {
+            LimitCounters::inc(&self.node.limits.counters.tokens_refused);
+            return Err(Failure::new(ErrorCode::Unauthorized, "tokens are not configured on this node"));
+        };
+        match verifier.verify_subscription(&token, &self.handle.user, room.as_str()).await {
+            Ok(t) => Ok(t.room_info),
+            Err(e) => {
+                tracing::debug!(room = %room, error = %e, "subscription token refused");
+                Err(Failure::new(self.token_failure(&e), e.to_string()))
+            }
         }
     }
 
@@ -240,7 +427,7 @@ impl Session {
         if self.subs.contains_key(room) {
             return Ok(());
         }
-        self.may_subscribe(ns, room, None)
+        self.may_subscribe(ns, room)
     }
 
     fn member(&self, room_info: Option<Data>) -> Member {
@@ -261,11 +448,12 @@ impl Session {
         with_presence: bool,
     ) -> Result<(), Failure> {
         let ns = self.namespace(&room)?;
-        self.may_subscribe(&ns, &room, token.as_deref())?;
+        let room_info = self.check_subscribe(&ns, &room, token).await?;
         if self.subs.contains_key(&room) {
             return Err(Failure::new(ErrorCode::AlreadySubscribed, format!("already subscribed to {room}")));
         }
         if self.subs.len() >= self.node.config.max_subscriptions {
+            LimitCounters::inc(&self.node.limits.counters.subscriptions_over_limit);
             return Err(Failure::new(ErrorCode::LimitExceeded, "too many subscriptions on this connection"));
         }
         if with_presence && !ns.presence {
@@ -273,7 +461,8 @@ impl Session {
         }
         let node = self.node.clone();
         let rs = node.hub.add(&room, &self.handle).await;
-        let result = self.set_up_subscription(&ns, &room, recover, with_presence, &rs).await;
+        let result =
+            self.set_up_subscription(&ns, &room, recover, with_presence, &rs, room_info.as_ref()).await;
         let (reply, after) = match result {
             Ok(r) => r,
             Err(f) => {
@@ -287,12 +476,17 @@ impl Session {
         let msg = ServerMessage::Reply { id, reply };
         let encoded =
             msg.encode(self.handle.encoding).map_err(|e| Failure::new(ErrorCode::Internal, e.to_string()))?;
-        self.subs.insert(room.clone(), Subscription { ns: ns.clone(), room_info: None });
-        node.hub.activate(&rs, &self.handle.client, Encoded::new(encoded), after);
-        if ns.join_leave {
-            if let Err(e) = node.broker.publish_event(&room, RoomEvent::Join(self.member(None))).await {
-                tracing::warn!(room = %room, error = %e, "join event not published");
-            }
+        self.subs.insert(room.clone(), Subscription { ns: ns.clone(), room_info: room_info.clone() });
+        node.hub.activate(
+            &rs,
+            &self.handle.client,
+            Encoded::new(encoded),
+            after.as_ref().map(|p| (p.epoch.as_str(), p.offset)),
+        );
+        if ns.join_leave
+            && let Err(e) = node.broker.publish_event(&room, RoomEvent::Join(self.member(room_info))).await
+        {
+            tracing::warn!(room = %room, error = %e, "join event not published");
         }
         Ok(())
     }
@@ -306,7 +500,8 @@ impl Session {
         recover: Option<Position>,
         with_presence: bool,
         rs: &crate::hub::RoomSubscribers,
-    ) -> Result<(Reply, Option<u64>), Failure> {
+        room_info: Option<&Data>,
+    ) -> Result<(Reply, Option<Position>), Failure> {
         let node = &self.node;
         Hub::wait_ready(rs)
             .await
@@ -333,11 +528,11 @@ impl Session {
                 publications =
                     Some(if ok { page.publications.iter().map(to_wire).collect() } else { Vec::new() });
             }
-            after = Some(page.position.offset);
+            after = Some(page.position.clone());
             reply_position = Some(page.position);
         }
         if ns.presence {
-            node.presence.add(room, &self.member(None)).await.map_err(internal)?;
+            node.presence.add(room, &self.member(room_info.cloned())).await.map_err(internal)?;
         }
         let members = if with_presence {
             match node.presence.members(room, node.config.max_presence_members).await.map_err(internal)? {
@@ -372,10 +567,10 @@ impl Session {
         };
         let node = self.node.clone();
         node.hub.remove(room, &self.handle.client).await;
-        if sub.ns.presence {
-            if let Err(e) = node.presence.remove(room, &self.handle.client).await {
-                tracing::warn!(room = %room, error = %e, "presence remove failed");
-            }
+        if sub.ns.presence
+            && let Err(e) = node.presence.remove(room, &self.handle.client).await
+        {
+            tracing::warn!(room = %room, error = %e, "presence remove failed");
         }
         if sub.ns.join_leave {
             let member = self.member(sub.room_info);
@@ -388,6 +583,7 @@ impl Session {
     async fn publish(&mut self, room: Room, data: Data, skip_self: bool) -> CmdResult {
         let ns = self.namespace(&room)?;
         if data.wire_len() > self.node.config.max_data_size {
+            LimitCounters::inc(&self.node.limits.counters.data_too_large);
             return Err(Failure::new(
                 ErrorCode::LimitExceeded,
                 format!("data is larger than {} bytes", self.node.config.max_data_size),
@@ -487,6 +683,9 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        if self.user_counted {
+            self.node.hub.remove_user(&self.handle.user);
+        }
         self.node.hub.session_closed();
     }
 }

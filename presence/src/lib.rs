@@ -4,6 +4,9 @@
 //! - this file: the [`Presence`] trait and its contract.
 //! - [`dynamic`]: [`DynPresence`], the object-safe face of any [`Presence`].
 //! - [`memory`]: [`MemoryPresence`], the single-node implementation.
+//! - `nats` (feature `nats`, on by default): [`NatsPresence`], presence in a NATS JetStream
+//!   key-value bucket shared by every node.
+//! - `redis` (feature `redis`, on by default): [`RedisPresence`], shared by a cluster's nodes.
 
 use std::future::Future;
 
@@ -11,9 +14,17 @@ use roomcast_protocol::{Member, Room};
 
 pub mod dynamic;
 pub mod memory;
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 pub use dynamic::{DynPresence, PresenceError};
 pub use memory::MemoryPresence;
+#[cfg(feature = "nats")]
+pub use nats::NatsPresence;
+#[cfg(feature = "redis")]
+pub use redis::RedisPresence;
 
 /// Counts of a room's members.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -315,10 +315,10 @@ fn transcode_mp_to_json(r: &mut Reader<'_>, mut out: Option<&mut Vec<u8>>) -> Re
         if !f.is_finite() {
             return Err(DataError::NonFinite);
         }
-        if let Some(o) = out.as_deref_mut() {
-            if let Ok(s) = serde_json::to_string(&f) {
-                o.extend_from_slice(s.as_bytes());
-            }
+        if let Some(o) = out.as_deref_mut()
+            && let Ok(s) = serde_json::to_string(&f)
+        {
+            o.extend_from_slice(s.as_bytes());
         }
         Ok(())
     }

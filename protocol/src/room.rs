@@ -40,10 +40,10 @@ impl Room {
         if !name.bytes().all(legal_byte) {
             return Err(RoomError::BadCharacter);
         }
-        if let Some((ns, rest)) = name.split_once(':') {
-            if ns.is_empty() || rest.is_empty() {
-                return Err(RoomError::EmptyPart);
-            }
+        if let Some((ns, rest)) = name.split_once(':')
+            && (ns.is_empty() || rest.is_empty())
+        {
+            return Err(RoomError::EmptyPart);
         }
         Ok(Room(Arc::from(name)))
     }

@@ -78,9 +78,9 @@ pub fn json_to_mp(v: &Value) -> rmpv::Value {
         }
         Value::String(s) => rmpv::Value::from(s.as_str()),
         Value::Array(a) => rmpv::Value::Array(a.iter().map(json_to_mp).collect()),
-        Value::Object(o) => rmpv::Value::Map(
-            o.iter().map(|(k, v)| (rmpv::Value::from(k.as_str()), json_to_mp(v))).collect(),
-        ),
+        Value::Object(o) => {
+            rmpv::Value::Map(o.iter().map(|(k, v)| (rmpv::Value::from(k.as_str()), json_to_mp(v))).collect())
+        }
     }
 }
 
@@ -168,7 +168,7 @@ impl TestClient {
         let (ws, resp) = crate::within(
             RECV_TIMEOUT,
             "the WebSocket handshake",
-            tokio_tungstenite::connect_async(request_for(url, enc)),
+            tokio_tungstenite::connect_async_with_config(request_for(url, enc), None, true),
         )
         .await?;
         Ok(Self::wrap(ws, enc, resp.headers().clone()))
@@ -190,9 +190,11 @@ impl TestClient {
         let socket = TcpSocket::new_v4().expect("socket");
         socket.set_recv_buffer_size(rcvbuf).expect("SO_RCVBUF");
         let stream = socket.connect(addr).await.expect("connect");
-        let (ws, resp) = tokio_tungstenite::client_async(request_for(url, enc), MaybeTlsStream::Plain(stream))
-            .await
-            .expect("WebSocket handshake");
+        stream.set_nodelay(true).expect("TCP_NODELAY");
+        let (ws, resp) =
+            tokio_tungstenite::client_async(request_for(url, enc), MaybeTlsStream::Plain(stream))
+                .await
+                .expect("WebSocket handshake");
         Self::wrap(ws, enc, resp.headers().clone())
     }
 
@@ -288,8 +290,9 @@ impl TestClient {
                     out
                 }
                 Message::Close(frame) => {
-                    let (code, reason) =
-                        frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
+                    let (code, reason) = frame
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((1005, String::new()));
                     self.closed = Some((code, reason));
                     continue;
                 }
@@ -299,7 +302,10 @@ impl TestClient {
                 assert!(v.is_object(), "a message from the node is not a map: {v}");
                 assert!(v["type"].is_string(), "a message from the node has no string type: {v}");
                 if let Some(id) = v.get("id") {
-                    assert!(id.as_u64().is_some_and(|i| (1..=u64::from(u32::MAX)).contains(&i)), "bad id: {v}");
+                    assert!(
+                        id.as_u64().is_some_and(|i| (1..=u64::from(u32::MAX)).contains(&i)),
+                        "bad id: {v}"
+                    );
                 }
             }
             if let Some(last) = values.last() {
@@ -415,7 +421,10 @@ impl TestClient {
                 Ok(_) => {}
                 Err(ReadEnd::Closed(code, reason)) => {
                     let last = self.last_before_close.clone().unwrap_or(Value::Null);
-                    assert_eq!(last["type"], "disconnect", "close {code} without a disconnect before it: {last}");
+                    assert_eq!(
+                        last["type"], "disconnect",
+                        "close {code} without a disconnect before it: {last}"
+                    );
                     assert_eq!(last["code"], code, "disconnect and close codes differ: {last} vs {code}");
                     assert!(last["reason"].is_string() && last["reconnect"].is_boolean(), "{last}");
                     assert!(last.get("id").is_none(), "a push with an id: {last}");

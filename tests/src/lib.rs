@@ -66,7 +66,16 @@ subscribe = "user"
 
 [namespaces.tok]
 subscribe = "token"
+
+[limits]
+commands_per_second = 0
+connection_rate_per_ip = 0
 "#;
+
+/// Turns off the per-connection command rate and the per-address connection rate, for
+/// tests that send many commands or open many connections from 127.0.0.1 (append it to
+/// a config: it is a TOML table).
+pub const NO_RATE_LIMITS: &str = "\n[limits]\ncommands_per_second = 0\nconnection_rate_per_ip = 0\n";
 
 /// Starts a node with [`TEST_CONFIG`] and extra environment variables.
 pub fn start_test_node(env: &[(&str, &str)]) -> NodeProc {

@@ -119,8 +119,7 @@ impl NodeProc {
         let stderr_path = temp_path("stderr", "log");
         let stderr = std::fs::File::create(&stderr_path).expect("creating the node's stderr file");
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr);
-        let mut child =
-            cmd.spawn().unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
         let stdout: ChildStdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -218,7 +217,7 @@ impl Drop for NodeProc {
             let _ = std::fs::remove_file(p);
         }
         if std::thread::panicking() {
-            // Keep the log for the failure report, and show it.
+            // Show the node's log with the failure.
             let err = self.stderr();
             if !err.is_empty() {
                 eprintln!("--- stderr of node {} ---\n{err}", self.node_id);

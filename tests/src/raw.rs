@@ -11,7 +11,10 @@ use crate::{RECV_TIMEOUT, within};
 
 pub const OP_TEXT: u8 = 0x1;
 pub const OP_BINARY: u8 = 0x2;
+pub const OP_CONTINUATION: u8 = 0x0;
 pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
 
 /// An HTTP response head and body.
 #[derive(Debug, Clone)]
@@ -103,22 +106,57 @@ pub async fn upgrade(addr: SocketAddr, extra: &[(&str, &str)]) -> (HttpResponse,
 impl RawWs {
     /// Sends one masked frame (FIN set).
     pub async fn send_frame(&mut self, opcode: u8, rsv1: bool, payload: &[u8]) {
-        let mut out = vec![0x80 | if rsv1 { 0x40 } else { 0 } | opcode];
+        self.send_frame_with(true, rsv1, opcode, payload, true).await;
+    }
+
+    /// Sends one frame with every header bit chosen: FIN, RSV1, the opcode (its low four
+    /// bits; pass `0x20 | op` to set RSV2), and whether it is masked.
+    pub async fn send_frame_with(&mut self, fin: bool, rsv1: bool, opcode: u8, payload: &[u8], masked: bool) {
+        let mut out = vec![if fin { 0x80 } else { 0 } | if rsv1 { 0x40 } else { 0 } | opcode];
+        let mask_bit = if masked { 0x80 } else { 0 };
         let len = payload.len();
         if len < 126 {
-            out.push(0x80 | len as u8);
+            out.push(mask_bit | len as u8);
         } else if len <= usize::from(u16::MAX) {
-            out.push(0x80 | 126);
+            out.push(mask_bit | 126);
             out.extend_from_slice(&(len as u16).to_be_bytes());
         } else {
-            out.push(0x80 | 127);
+            out.push(mask_bit | 127);
             out.extend_from_slice(&(len as u64).to_be_bytes());
         }
-        self.mask_seed = self.mask_seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-        let mask = self.mask_seed.to_be_bytes();
-        out.extend_from_slice(&mask);
-        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+        if masked {
+            self.mask_seed = self.mask_seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let mask = self.mask_seed.to_be_bytes();
+            out.extend_from_slice(&mask);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+        } else {
+            out.extend_from_slice(payload);
+        }
         self.stream.write_all(&out).await.expect("write frame");
+    }
+
+    /// Reads JSON messages until the node's close frame. Returns the messages and the
+    /// close code (`None` for a close frame without one).
+    pub async fn read_json_until_close(&mut self) -> (Vec<serde_json::Value>, Option<u16>) {
+        let mut msgs = Vec::new();
+        loop {
+            let f = self.read_frame().await;
+            match f.opcode {
+                OP_CLOSE => {
+                    let code =
+                        (f.payload.len() >= 2).then(|| u16::from_be_bytes([f.payload[0], f.payload[1]]));
+                    return (msgs, code);
+                }
+                OP_TEXT => {
+                    let payload = if f.rsv1 { inflate(&f.payload) } else { f.payload };
+                    let text = String::from_utf8(payload).expect("UTF-8 from the node");
+                    for line in text.split('\n').filter(|l| !l.is_empty()) {
+                        msgs.push(serde_json::from_str(line).expect("JSON from the node"));
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Sends a text frame.
@@ -173,9 +211,12 @@ pub fn inflate(payload: &[u8]) -> Vec<u8> {
         if out.capacity() - out.len() < 1024 {
             out.reserve(out.capacity());
         }
-        let status =
-            d.decompress_vec(&input[consumed..], &mut out, FlushDecompress::Sync).expect("valid raw deflate data");
-        if d.total_in() as usize == input.len() || status == Status::StreamEnd {
+        let status = d
+            .decompress_vec(&input[consumed..], &mut out, FlushDecompress::Sync)
+            .expect("valid raw deflate data");
+        // Done when all input is in and the output did not fill up (nothing pending).
+        let all_in = d.total_in() as usize == input.len();
+        if status == Status::StreamEnd || (all_in && out.len() < out.capacity()) {
             return out;
         }
     }
@@ -192,7 +233,8 @@ pub fn deflate(message: &[u8]) -> Vec<u8> {
             out.reserve(out.capacity().max(1024));
         }
         c.compress_vec(&message[consumed..], &mut out, FlushCompress::Sync).expect("deflate");
-        if c.total_in() as usize == message.len() && out.ends_with(&[0x00, 0x00, 0xff, 0xff]) {
+        let all_in = c.total_in() as usize == message.len();
+        if all_in && out.len() < out.capacity() && out.ends_with(&[0x00, 0x00, 0xff, 0xff]) {
             break;
         }
     }

@@ -33,7 +33,8 @@ async fn e101_connect_with_token_then_close_4001() {
     let url = node.ws_url();
     for enc in Enc::BOTH {
         let mut c = TestClient::open(&url, enc).await;
-        let r = c.request(json!({"type": "connect", "token": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.sig"})).await;
+        let r =
+            c.request(json!({"type": "connect", "token": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.sig"})).await;
         assert_error(&r, 101);
         let (code, _) = c.expect_close().await;
         assert_eq!(code, 4001);
@@ -96,8 +97,12 @@ async fn e102_e103_e104_e105_namespaces_permissions_types() {
         expect_error(&mut c, json!({"type": "history", "room": format!("auth:{s}")}), 103).await;
         expect_error(&mut c, json!({"type": "presence", "room": "user:someone"}), 103).await;
         // An (unverifiable) subscription token in a token namespace: 101, connection stays.
-        expect_error(&mut c, json!({"type": "subscribe", "room": format!("tok:{s}"), "token": "eyJ.x.y"}), 101)
-            .await;
+        expect_error(
+            &mut c,
+            json!({"type": "subscribe", "room": format!("tok:{s}"), "token": "eyJ.x.y"}),
+            101,
+        )
+        .await;
         assert_alive(&mut c).await;
         // 104: unknown command type.
         let r = expect_error(&mut c, json!({"type": "frobnicate"}), 104).await;
@@ -201,7 +206,7 @@ async fn e107_bad_requests() {
         let long = "a".repeat(200);
         let r = c.request(json!({"type": "subscribe", "room": long})).await;
         assert_eq!(r["type"], "subscribed", "{r}");
-        let odd = format!("Az09._-:@=,/x-{s}");
+        let odd = format!("small:Az09._-@=,/:x-{s}");
         let r = c.request(json!({"type": "subscribe", "room": odd})).await;
         assert_eq!(r["type"], "subscribed", "{r}");
         let r = c.request(json!({"type": "publish", "room": odd, "data": 1})).await;
@@ -267,20 +272,32 @@ async fn e112_unrecoverable_history_position() {
         c.request(json!({"type": "subscribe", "room": room})).await;
         let p = c.request(json!({"type": "publish", "room": room, "data": 1})).await;
         let epoch = str_of(&p, "epoch").to_string();
-        expect_error(&mut c, json!({"type": "history", "room": room, "since": {"offset": 0, "epoch": "other"}}), 112)
-            .await;
-        let h = c.request(json!({"type": "history", "room": room, "since": {"offset": 0, "epoch": epoch}})).await;
+        expect_error(
+            &mut c,
+            json!({"type": "history", "room": room, "since": {"offset": 0, "epoch": "other"}}),
+            112,
+        )
+        .await;
+        let h =
+            c.request(json!({"type": "history", "room": room, "since": {"offset": 0, "epoch": epoch}})).await;
         assert_eq!(offsets(&h), vec![1]);
         // Older than what is kept (namespace `small` keeps 3).
         let small = format!("small:{s}");
         c.request(json!({"type": "subscribe", "room": small})).await;
         let mut epoch = String::new();
         for i in 0..10 {
-            epoch = str_of(&c.request(json!({"type": "publish", "room": small, "data": i})).await, "epoch").to_string();
+            epoch = str_of(&c.request(json!({"type": "publish", "room": small, "data": i})).await, "epoch")
+                .to_string();
         }
-        expect_error(&mut c, json!({"type": "history", "room": small, "since": {"offset": 2, "epoch": epoch}}), 112)
+        expect_error(
+            &mut c,
+            json!({"type": "history", "room": small, "since": {"offset": 2, "epoch": epoch}}),
+            112,
+        )
+        .await;
+        let h = c
+            .request(json!({"type": "history", "room": small, "since": {"offset": 7, "epoch": epoch}}))
             .await;
-        let h = c.request(json!({"type": "history", "room": small, "since": {"offset": 7, "epoch": epoch}})).await;
         assert_eq!(offsets(&h), vec![8, 9, 10]);
         assert_alive(&mut c).await;
     }
