@@ -57,7 +57,7 @@ async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let addr = config.listen_addr()?;
     let ws_path = config.ws_path.clone();
     let node = Node::start(config).await.context("starting the node")?;
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let listener = bind(addr).with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr()?;
     tracing::info!(node = %node.id, %local, "listening");
     // A machine-readable line for scripts and tests: the address actually bound.
@@ -73,6 +73,16 @@ async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), server).await;
     Ok(())
+}
+
+/// Binds with a listen backlog sized for connection storms (the default 128 overflows
+/// when thousands of clients reconnect at once; the kernel caps it at somaxconn).
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 async fn shutdown_signal() {

@@ -117,9 +117,54 @@ async fn ws_upgrade(
         .unwrap_or_else(|_| plain(StatusCode::INTERNAL_SERVER_ERROR, "bad response\n".into()))
 }
 
-/// Serves HTTP on `listener` until the node's shutdown token is cancelled.
+/// How long a client may take to send its request headers.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves HTTP/1.1 on `listener` until the node's shutdown token is cancelled.
+///
+/// An accept loop of our own rather than `axum::serve`: each connection is served by
+/// hyper directly on `TokioIo<TcpStream>`, so after an upgrade the plain `TcpStream`
+/// comes back (see `ws_upgrade`), with TCP_NODELAY set at accept.
 pub async fn serve(node: Arc<Node>, listener: TcpListener) -> std::io::Result<()> {
-    let app = router(node.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let shutdown = node.shutdown.clone();
-    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    let router = router(node.clone());
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    loop {
+        let (tcp, remote) = tokio::select! {
+            _ = node.shutdown.cancelled() => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors or a reset before accept: back off, go on.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let router = router.clone();
+        let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(remote));
+            tower::Service::call(&mut router.clone(), req)
+        });
+        let conn = http.serve_connection(TokioIo::new(tcp), svc).with_upgrades();
+        let shutdown = node.shutdown.clone();
+        // Ends when the request/response exchange ends or the connection is upgraded (the
+        // WebSocket then lives in its own tracked task).
+        tokio::spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "http connection ended");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), conn).await;
+                }
+            }
+        });
+    }
 }
