@@ -3,11 +3,14 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::Bytes;
 use roomcast_protocol::{Position, Room};
 
 use crate::{
-    Broker, BrokerEventHandler, BrokerPublication, HistoryOptions, HistoryPage, HistoryQuery, RoomEvent,
+    Broker, BrokerEventHandler, BrokerPublication, HistoryOptions, HistoryPage, HistoryQuery, Idempotent,
+    InvalidRequest, RoomEvent,
 };
 
 /// A boxed future returning a broker result.
@@ -17,6 +20,15 @@ pub type BrokerFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BrokerError
 #[derive(Debug, thiserror::Error)]
 #[error("broker: {0}")]
 pub struct BrokerError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
+
+impl BrokerError {
+    /// The reason when the call was refused for its arguments (an idempotency key of a bad
+    /// length, a too large control message), as opposed to a backend failure.
+    pub fn invalid_request(&self) -> Option<&InvalidRequest> {
+        let first: &(dyn std::error::Error + 'static) = &*self.0;
+        std::iter::successors(Some(first), |e| e.source()).find_map(|e| e.downcast_ref::<InvalidRequest>())
+    }
+}
 
 /// Object-safe [`Broker`]; every `Broker` is one.
 pub trait DynBroker: Send + Sync + 'static {
@@ -28,6 +40,14 @@ pub trait DynBroker: Send + Sync + 'static {
         publication: BrokerPublication,
         history: HistoryOptions,
     ) -> BrokerFuture<'_, Option<Position>>;
+    fn publish_idempotent<'a>(
+        &'a self,
+        publication: BrokerPublication,
+        history: HistoryOptions,
+        key: &'a str,
+        window: Duration,
+    ) -> BrokerFuture<'a, Idempotent>;
+    fn publish_control(&self, payload: Bytes) -> BrokerFuture<'_, ()>;
     fn publish_event<'a>(&'a self, room: &'a Room, event: RoomEvent) -> BrokerFuture<'a, ()>;
     fn history<'a>(
         &'a self,
@@ -63,6 +83,18 @@ impl<B: Broker> DynBroker for B {
         history: HistoryOptions,
     ) -> BrokerFuture<'_, Option<Position>> {
         boxed(Broker::publish(self, publication, history))
+    }
+    fn publish_idempotent<'a>(
+        &'a self,
+        publication: BrokerPublication,
+        history: HistoryOptions,
+        key: &'a str,
+        window: Duration,
+    ) -> BrokerFuture<'a, Idempotent> {
+        boxed(Broker::publish_idempotent(self, publication, history, key, window))
+    }
+    fn publish_control(&self, payload: Bytes) -> BrokerFuture<'_, ()> {
+        boxed(Broker::publish_control(self, payload))
     }
     fn publish_event<'a>(&'a self, room: &'a Room, event: RoomEvent) -> BrokerFuture<'a, ()> {
         boxed(Broker::publish_event(self, room, event))

@@ -11,6 +11,12 @@
 //! - `redis` (feature `redis`, on by default): [`RedisBroker`], the cluster broker on Redis
 //!   or Redis Cluster.
 //!
+//! Besides rooms, every broker carries a **control channel** ([`Broker::publish_control`],
+//! [`BrokerEventHandler::handle_control`]): opaque commands from one node to every node
+//! (itself included), for cluster-wide operations such as disconnecting a user. And
+//! [`Broker::publish_idempotent`] publishes at most once per idempotency key and room within
+//! a window, cluster-wide.
+//!
 //! Dependencies point one way: this crate knows the protocol's types, never the gateway.
 
 use std::future::Future;
@@ -32,6 +38,61 @@ pub use memory::MemoryBroker;
 pub use nats::NatsBroker;
 #[cfg(feature = "redis")]
 pub use redis::RedisBroker;
+
+/// Largest control message [`Broker::publish_control`] carries (1 MiB).
+pub const MAX_CONTROL_PAYLOAD: usize = 1 << 20;
+/// Longest idempotency key of [`Broker::publish_idempotent`], in bytes (keys are 1 to 128
+/// bytes).
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// A call refused before it reached the backend: every broker's error converts from it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidRequest {
+    #[error("idempotency key of {0} bytes: must be 1 to {MAX_IDEMPOTENCY_KEY} bytes")]
+    IdempotencyKey(usize),
+    #[error("idempotency window must be longer than zero")]
+    IdempotencyWindow,
+    #[error("control message of {0} bytes: at most {MAX_CONTROL_PAYLOAD} bytes")]
+    ControlTooLarge(usize),
+}
+
+/// Checks the arguments of [`Broker::publish_idempotent`] (for implementations).
+pub fn check_idempotent(key: &str, window: Duration) -> Result<(), InvalidRequest> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(InvalidRequest::IdempotencyKey(key.len()));
+    }
+    if window.is_zero() {
+        return Err(InvalidRequest::IdempotencyWindow);
+    }
+    Ok(())
+}
+
+/// Checks the payload of [`Broker::publish_control`] (for implementations).
+pub fn check_control(payload: &[u8]) -> Result<(), InvalidRequest> {
+    if payload.len() > MAX_CONTROL_PAYLOAD {
+        return Err(InvalidRequest::ControlTooLarge(payload.len()));
+    }
+    Ok(())
+}
+
+/// What an idempotent publish did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Idempotent {
+    /// Published now; the position when history is on.
+    Published(Option<Position>),
+    /// The key was used for this room within the window: nothing published; the first
+    /// publication's position (when history is on and it is known).
+    Duplicate(Option<Position>),
+}
+
+impl Idempotent {
+    /// The position either way.
+    pub fn position(&self) -> Option<&Position> {
+        match self {
+            Idempotent::Published(p) | Idempotent::Duplicate(p) => p.as_ref(),
+        }
+    }
+}
 
 /// A publication as it travels through a broker.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,7 +176,8 @@ pub enum RoomEvent {
 /// local subscribers.
 ///
 /// Contract: for one room, calls are made one at a time and in the room's order (history
-/// order for publications). Implementations must not block: they enqueue and return.
+/// order for publications); control messages of one sender arrive in the order sent.
+/// Implementations must not block: they enqueue and return.
 pub trait BrokerEventHandler: Send + Sync + 'static {
     /// A publication in a room this node subscribed to.
     fn handle_publication(&self, publication: &BrokerPublication);
@@ -124,6 +186,9 @@ pub trait BrokerEventHandler: Send + Sync + 'static {
     /// Delivery was interrupted (for example the broker connection dropped) and events may
     /// have been lost for every room: subscribers must resynchronise from history.
     fn handle_interruption(&self) {}
+    /// A control message some node (this one included) sent with `Broker::publish_control`.
+    /// Must not block (enqueue and return).
+    fn handle_control(&self, payload: &[u8]);
 }
 
 /// Publish, history and fan-out of publications between nodes.
@@ -141,6 +206,23 @@ pub trait BrokerEventHandler: Send + Sync + 'static {
 ///   with no gap and no duplicate.
 /// - `subscribe`/`unsubscribe` are reference-free: the node calls `subscribe` once when a
 ///   room gets its first local subscriber and `unsubscribe` when it has none left.
+/// - **Control channel**: `publish_control` reaches the handler of every started node
+///   that is connected at the time (the sender's included), at most once, never stored;
+///   messages of one sender arrive in the order sent. Payloads are at most
+///   [`MAX_CONTROL_PAYLOAD`] bytes ([`InvalidRequest::ControlTooLarge`] beyond).
+/// - **Idempotent publish**: `publish_idempotent` claims `(room, key)` and publishes in one
+///   step as seen by every node: of the calls with one key for one room within the window
+///   (concurrent ones included, on any node) exactly one publishes; the others publish
+///   nothing and answer [`Idempotent::Duplicate`] with the first one's position. A failed
+///   publish releases its claim. Keys are 1 to [`MAX_IDEMPOTENCY_KEY`] bytes, the window
+///   longer than zero ([`InvalidRequest`] otherwise). The window starts when the claim is
+///   made (and may run up to one publish round trip longer). Limits, documented by each
+///   implementation: the memory broker remembers at most [`memory::IDEMPOTENCY_KEYS`]
+///   keys (those closest to expiring are forgotten first); NATS rounds windows up to
+///   100 ms, and while the claim of a node that died mid-publish lasts (until the window
+///   ends) calls with that key fail with `NatsError::IdempotencyPending` rather than risk
+///   publishing twice; Redis answers a call whose reply was lost (timeout) with
+///   `Duplicate` on retry, since the script may have run.
 pub trait Broker: Send + Sync + 'static {
     /// The implementation's error.
     type Error: std::error::Error + Send + Sync + 'static;
@@ -164,6 +246,21 @@ pub trait Broker: Send + Sync + 'static {
         publication: BrokerPublication,
         history: HistoryOptions,
     ) -> impl Future<Output = Result<Option<Position>, Self::Error>> + Send;
+
+    /// `publish`, unless `key` was used for `publication.room` within `window` (cluster-wide):
+    /// then nothing is published and the first publication's position is returned. Concurrent
+    /// calls with one key publish once. When the publish fails, the key is released (a retry may publish).
+    fn publish_idempotent(
+        &self,
+        publication: BrokerPublication,
+        history: HistoryOptions,
+        key: &str,
+        window: Duration,
+    ) -> impl Future<Output = Result<Idempotent, Self::Error>> + Send;
+
+    /// Sends `payload` to every node's handler, this node's included, while they are connected.
+    /// Not stored; at most once; messages from one sender arrive in the order sent.
+    fn publish_control(&self, payload: bytes::Bytes) -> impl Future<Output = Result<(), Self::Error>> + Send;
 
     /// Fans a presence event out to the room's subscribers on every node (not kept).
     fn publish_event(

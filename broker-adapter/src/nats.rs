@@ -13,6 +13,8 @@
 //! | `P.h.<size>_<ttl_ms>.T` | a room's history: one subject per room in stream `S_H_<size>_<ttl_ms>` |
 //! | `P.l.T` | a room's live subject: what nodes subscribe to (core NATS) |
 //! | `P.epoch.T` | the room's epoch marker, in stream `S_EPOCHS` |
+//! | `P.control` | control messages (core NATS; every node subscribes at `start`, no queue group) |
+//! | `P.idem.<window_ms>.T.K` | the claim of idempotency key `K` (escaped as `T`) in the room, in stream `S_IDEM_<window_ms>` |
 //!
 //! History size and TTL are per namespace and given with each call, and JetStream keeps
 //! `max_msgs_per_subject` and `max_age` per stream, so there is one history stream per
@@ -20,6 +22,38 @@
 //! (`max_msgs_per_subject = size`, `max_age = ttl` but at least 100 ms, `allow_direct`, file
 //! or memory storage). Each history stream *republishes* (JetStream `RePublish`, server 2.9) every
 //! stored message to `P.l.T`.
+//!
+//! # Control channel
+//!
+//! [`Broker::publish_control`] is a core publish on `P.control`, at most
+//! [`crate::MAX_CONTROL_PAYLOAD`] bytes (and the server's `max_payload`); every node's
+//! subscription (made at `start`, confirmed by a round trip, restored by the client after
+//! a reconnect) hands each message to [`BrokerEventHandler::handle_control`]. One connection
+//! per node keeps one sender's messages in order; nothing is stored.
+//!
+//! # Idempotent publish: a claim per (room, key)
+//!
+//! One claim stream per distinct window, created on first use: `S_IDEM_<window_ms>`,
+//! subjects `P.idem.<window_ms>.>`, `max_msgs_per_subject = 1`, `max_age` = the window (at
+//! least 100 ms). [`Broker::publish_idempotent`]:
+//!
+//! 1. **Claim**: publish a *pending* claim on the key's subject with
+//!    `Nats-Expected-Last-Subject-Sequence: 0`. Only one caller, on any node, gets it stored
+//!    while the subject holds a claim.
+//! 2. The claimant **publishes** (as `publish`), then **records** the outcome (*published*,
+//!    with the position when history is on) on the subject, compare-and-set on its claim's
+//!    sequence. When the publish fails, it **releases** the claim (deletes its message), so
+//!    a retry may publish.
+//! 3. A caller whose claim was refused reads the subject: a *published* claim answers
+//!    [`Idempotent::Duplicate`] with its position; a *pending* one is polled until it is
+//!    recorded or released, at most one request timeout, after which the call fails
+//!    ([`NatsError::IdempotencyPending`]); no claim any more (released or expired) means
+//!    claiming again.
+//!
+//! The claim expires with `max_age` (the record restarts its age: the window may run one
+//! publish round trip longer). A node that dies between claim and record leaves the key
+//! pending until the window ends: calls with that key fail meanwhile rather than risk
+//! publishing twice.
 //!
 //! # Offsets: compare-and-set on the room's subject
 //!
@@ -38,15 +72,24 @@
 //!
 //! Live delivery does **not** use a core subscription on the history subjects: a core
 //! subscriber gets a JetStream publish as the server reads it, before the stream stores it
-//! (and even when the compare-and-set rejects it), and two publishers' messages may reach
-//! it in another order than the stream's. Instead the stream republishes each message
-//! after storing it, from one internal sender, in stream order; so every node receives a
-//! room's publications exactly in offset order, and only stored ones. Rooms without
+//! (and even when the compare-and-set rejects it). Instead the stream republishes each
+//! message after storing it, so nodes receive only stored ones. The republish is *not*
+//! always in stream order: nats-server 2.9 may hand over the messages of two publishing
+//! connections swapped (measured: 18 swaps in 18,000 publications from 6 connections into
+//! one subject). So each room's delivery task puts the order back: every republished
+//! message names the subject's message before it (`Nats-Last-Sequence`); when one arrives
+//! ahead of its predecessors, the task reads the missing ones (at most [`REPAIR_MAX`]) back
+//! from the stream by sequence, hands them over first, and drops them when they arrive
+//! late. Only a gap it cannot fill (trimmed, expired, too long) reaches the subscriber,
+//! which closes its clients so they recover. Rooms without
 //! history are plain core publishes on `P.l.T` (no offset); join/leave events too (a
 //! different envelope kind), so one subscription per room carries everything.
 //!
 //! **Subscribe before read**: `subscribe` returns only after the server confirmed the
-//! subscription (flush round trip). A publication stored after that is republished to it;
+//! subscription: a request to an inbox nobody listens on, which the server answers "no
+//! responders" only after it read the `SUB` sent before it (async-nats' `flush` only
+//! empties the client's buffer, it waits for no answer). A publication stored after that
+//! is republished to it;
 //! one stored before it is found by a history read started after it.
 //!
 //! # Epochs
@@ -67,9 +110,28 @@
 //! `Nats-Expected-Last-Subject-Sequence: 0`). Each marker value is thus used for at most one
 //! fresh start, and an epoch is never reused after its history was lost, even when the
 //! marker stream survives the history stream; a lost or expired marker only means a new
-//! random epoch. (When a subscriber's read of an empty room races the room's very first
-//! publication it may be told the marker's next value; its later recovery then fails
-//! cleanly with `recovered: false`, never with a gap.)
+//! random epoch. A publisher whose compare-and-set on the marker fails because another node
+//! just took the marker's epoch waits (at most a request timeout) for that node's offset 1
+//! and continues it, rather than taking the marker's next epoch and maybe storing first.
+//!
+//! A take writes its marker with the header `Roomcast-Taken: <the epoch it took>`, and the
+//! taker clears the header (writes the marker again, compare-and-set) once its offset 1 is
+//! stored, or once it knows its epoch will not be used. So a flagged marker means "a start
+//! with this epoch is on its way":
+//! - a reader that finds the history empty reports the flagged epoch (the one offset 1 will
+//!   carry), else the marker's; then it looks at the history once more, and when a start
+//!   was stored meanwhile it reads that instead. Readers racing a first publication are told
+//!   the epoch the room then has (tested with readers and publishers on three nodes at
+//!   once);
+//! - a publisher that read the marker *between* another node's take and its offset 1
+//!   succeeds in taking the next value, sees it replaced a flagged take, compares the two
+//!   markers' server timestamps (no clock skew), and when the earlier take is younger than
+//!   the request timeout (or the history's TTL, when shorter) waits for that start and
+//!   continues it too. The epoch it took is then never used.
+//!
+//! A taker that dies between its take and its offset 1 leaves the flag; after the request
+//! timeout the next publisher takes the marker's next epoch, and a reader told the flagged
+//! one meanwhile gets `recovered: false` on its next recovery (never a gap).
 //!
 //! # Reading history
 //!
@@ -132,7 +194,8 @@ use tokio::time::Instant;
 pub use codec::{DecodeError, room_from_token, room_token};
 
 use crate::{
-    Broker, BrokerEventHandler, BrokerPublication, HistoryOptions, HistoryPage, HistoryQuery, RoomEvent,
+    Broker, BrokerEventHandler, BrokerPublication, HistoryOptions, HistoryPage, HistoryQuery, Idempotent,
+    InvalidRequest, RoomEvent, check_control, check_idempotent,
 };
 
 /// Ranges of at most this many publications ending at the newest are read by walking back
@@ -142,6 +205,12 @@ const WALK_MAX: u64 = 16;
 const PUBLISH_ATTEMPTS: u32 = 200;
 /// Attempts of one history read that keeps seeing the history change.
 const READ_ATTEMPTS: u32 = 5;
+/// Attempts of one direct get that is not answered (each within a share of the request
+/// timeout).
+const DIRECT_GET_ATTEMPTS: u32 = 4;
+/// Publications missing from a room's live stream that a node reads back from the history
+/// to put them in order; a longer gap is left to the subscribers (they recover).
+const REPAIR_MAX: u64 = 64;
 /// How often idle cache entries and room locks are dropped.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// A cached last position unused this long is dropped.
@@ -249,6 +318,10 @@ pub enum NatsError {
     Contention { room: Room, attempts: u32 },
     #[error("the history of {0} kept changing while it was read")]
     Unstable(Room),
+    #[error("{0}")]
+    Invalid(#[from] InvalidRequest),
+    #[error("idempotency key {key:?} in {room}: its first publish has not finished; try again later")]
+    IdempotencyPending { room: Room, key: String },
 }
 
 fn nats(op: &'static str, e: impl Into<BoxError>) -> NatsError {
@@ -284,6 +357,10 @@ struct Inner {
     /// History streams known to exist, by (size, ttl ms).
     streams: Mutex<HashMap<(usize, u64), Arc<JsStream>>>,
     epochs: Mutex<Option<Arc<JsStream>>>,
+    /// Idempotency claim streams known to exist, by window in ms.
+    claims: Mutex<HashMap<u64, Arc<JsStream>>>,
+    /// The task delivering control messages, once `start` subscribed.
+    control: Mutex<Option<AbortHandle>>,
     /// Last position of rooms' history subjects, by subject.
     cache: Arc<Mutex<HashMap<String, Cached>>>,
     /// Serialises this node's publications into one history subject.
@@ -319,6 +396,43 @@ enum Tail {
     /// The last stored message is not ours.
     Garbage,
 }
+
+/// What taking a room's marker epoch for a fresh start gave.
+enum Take {
+    /// This epoch, for offset 1. `recent_take`: the marker we replaced had itself been
+    /// written by a take shortly before (see [`Inner::take_epoch`]), whose offset 1 may still
+    /// be on its way.
+    Took { epoch: String, recent_take: Option<Duration>, marker: TookMarker },
+    /// Another node took the marker's epoch first: it is starting the room with it.
+    TakenByOther,
+    /// The marker changed meanwhile (created by a reader): try again.
+    Changed,
+}
+
+/// The marker a take wrote: its sequence and the next epoch it holds (to clear the take's
+/// flag once the start is stored, or found unneeded).
+struct TookMarker {
+    seq: u64,
+    next: String,
+}
+
+/// A room's epoch marker as read.
+struct Marker {
+    /// Its stream sequence; 0 when there is none.
+    seq: u64,
+    /// The epoch the room's next fresh start takes; `None`: no marker, or unreadable.
+    epoch: Option<String>,
+    /// When written by a take: its server timestamp, ns since the Unix epoch.
+    taken_at: Option<i128>,
+    /// When written by a take: the epoch that take started the room with (its offset 1
+    /// may still be on its way). `None` for a take by an older roomcast (header value `1`).
+    taken: Option<String>,
+}
+
+/// Header on a marker written by a take; its value is the epoch the take started the room
+/// with. A take's publisher clears it (writes the marker again without it) once its offset 1
+/// is stored, or when it did not need its epoch after all.
+const TAKEN_HEADER: &str = "Roomcast-Taken";
 
 /// What to get from a stream.
 #[derive(Clone, Copy)]
@@ -400,6 +514,8 @@ impl NatsBroker {
             subs: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             epochs: Mutex::new(None),
+            claims: Mutex::new(HashMap::new()),
+            control: Mutex::new(None),
             cache: Arc::new(Mutex::new(HashMap::new())),
             locks: Mutex::new(HashMap::new()),
         };
@@ -429,6 +545,32 @@ impl NatsBroker {
     fn epoch_subject(&self, room: &str) -> String {
         format!("{}.epoch.{}", self.inner.config.prefix, room_token(room))
     }
+
+    /// The control subject: every node subscribes to it.
+    pub fn control_subject(&self) -> String {
+        format!("{}.control", self.inner.config.prefix)
+    }
+
+    /// The subject of the claim of idempotency key `key` in `room` for `window`.
+    pub fn idempotency_subject(&self, room: &str, key: &str, window: Duration) -> String {
+        format!(
+            "{}.idem.{}.{}.{}",
+            self.inner.config.prefix,
+            window_ms(window),
+            room_token(room),
+            room_token(key)
+        )
+    }
+
+    /// The claim stream's name for `window`.
+    pub fn idempotency_stream_name(&self, window: Duration) -> String {
+        format!("{}_IDEM_{}", self.inner.config.stream_prefix, window_ms(window))
+    }
+}
+
+/// An idempotency window in milliseconds, at least 100 (as history TTLs).
+fn window_ms(window: Duration) -> u64 {
+    u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(100)
 }
 
 /// The history TTL in milliseconds, at least 100 (JetStream's smallest useful `max_age`).
@@ -445,14 +587,30 @@ impl Inner {
         self.stats.connects.load(Ordering::Relaxed)
     }
 
+    /// Returns once the server processed everything this connection sent before (so a
+    /// subscription made before is in place). A flush is not enough: async-nats' `flush`
+    /// only empties the client's write buffer. A request to a fresh inbox nobody listens on
+    /// is answered "no responders" by the server itself, after it read what came before.
+    async fn round_trip(&self) -> Result<(), NatsError> {
+        let probe = self.client.request(self.client.new_inbox(), Bytes::new());
+        match tokio::time::timeout(self.config.request_timeout, probe).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+            Ok(Err(e)) => Err(nats("round trip", e)),
+            Err(_) => Err(nats("round trip", "timed out")),
+        }
+    }
+
     /// Drops everything cached about the server's state (after a reconnect).
     fn forget_server_state(&self) {
         self.streams.lock().clear();
+        self.claims.lock().clear();
         *self.epochs.lock() = None;
         self.cache.lock().clear();
     }
 
-    /// Creates the stream, or takes it as it is when it exists with other settings.
+    /// Creates the stream, or takes it as it is when it exists (with other settings, or just
+    /// created by another node).
     async fn create_stream(&self, config: stream::Config, tag: String) -> Result<Arc<JsStream>, NatsError> {
         let name = config.name.clone();
         let allow_direct = match self.js.create_stream(config).await {
@@ -464,6 +622,18 @@ impl Inner {
                     tracing::warn!(stream = %name, "stream exists with another configuration; using it as it is");
                     let s = self.js.get_stream(&name).await.map_err(|e| nats("get stream", e))?;
                     s.cached_info().config.allow_direct
+                }
+                // Another node created the same stream at the same moment: the server (2.9)
+                // checks the name before that create registered it and the subjects after,
+                // so it reports overlapping subjects. Use it if that is what happened.
+                CreateStreamErrorKind::JetStream(err)
+                    if err.error_code() == ErrorCode::STREAM_SUBJECT_OVERLAP =>
+                {
+                    match self.js.get_stream(&name).await {
+                        Ok(s) => s.cached_info().config.allow_direct,
+                        // Another stream holds these subjects: a real conflict.
+                        Err(_) => return Err(nats("create stream", e)),
+                    }
                 }
                 _ => return Err(nats("create stream", e)),
             },
@@ -521,21 +691,134 @@ impl Inner {
         if let Some(s) = self.epochs.lock().clone() {
             return Ok(s);
         }
-        let config = stream::Config {
-            name: format!("{}_EPOCHS", self.config.stream_prefix),
-            description: Some("roomcast: the epoch each room's next fresh history starts with".into()),
-            subjects: vec![format!("{}.epoch.*", self.config.prefix)],
+        let config = self.one_per_subject(
+            format!("{}_EPOCHS", self.config.stream_prefix),
+            "roomcast: the epoch each room's next fresh history starts with".into(),
+            format!("{}.epoch.*", self.config.prefix),
+            self.config.epoch_marker_ttl,
+        );
+        let s = self.create_stream(config, String::new()).await?;
+        *self.epochs.lock() = Some(s.clone());
+        Ok(s)
+    }
+
+    /// A stream keeping the last message of each subject for `max_age` (markers, claims).
+    fn one_per_subject(
+        &self,
+        name: String,
+        description: String,
+        subject: String,
+        max_age: Duration,
+    ) -> stream::Config {
+        stream::Config {
+            name,
+            description: Some(description),
+            subjects: vec![subject],
             max_messages_per_subject: 1,
-            max_age: self.config.epoch_marker_ttl,
+            max_age,
             discard: DiscardPolicy::Old,
             storage: self.storage(),
             num_replicas: self.config.replicas,
             allow_direct: true,
             ..Default::default()
-        };
+        }
+    }
+
+    /// The claim stream of a window (in ms).
+    async fn claim_stream(&self, window_ms: u64) -> Result<Arc<JsStream>, NatsError> {
+        if let Some(s) = self.claims.lock().get(&window_ms) {
+            return Ok(s.clone());
+        }
+        let config = self.one_per_subject(
+            format!("{}_IDEM_{window_ms}", self.config.stream_prefix),
+            format!("roomcast: idempotency keys used in the last {window_ms} ms"),
+            format!("{}.idem.{window_ms}.>", self.config.prefix),
+            Duration::from_millis(window_ms),
+        );
         let s = self.create_stream(config, String::new()).await?;
-        *self.epochs.lock() = Some(s.clone());
+        self.claims.lock().insert(window_ms, s.clone());
         Ok(s)
+    }
+
+    /// Claims `subject` for this call: `Ok(Ok(seq))` with the claim's sequence, or
+    /// `Ok(Err(answer))` when the key was used. See the module documentation.
+    async fn claim(
+        &self,
+        room: &Room,
+        key: &str,
+        window_ms: u64,
+        subject: &str,
+    ) -> Result<Result<(Arc<JsStream>, u64), Idempotent>, NatsError> {
+        let deadline = Instant::now() + self.config.request_timeout;
+        let mut pause = Duration::from_millis(2);
+        let pending = codec::encode_claim(&codec::Claim::Pending);
+        loop {
+            let cs = self.claim_stream(window_ms).await?;
+            match self.publish_cas(&cs.name, subject.to_string(), pending.clone(), 0, None).await {
+                Ok(Some(seq)) => return Ok(Ok((cs, seq))),
+                Ok(None) => {}
+                Err(NatsError::StreamMissing(_)) => {
+                    self.claims.lock().remove(&window_ms);
+                    if Instant::now() >= deadline {
+                        return Err(NatsError::StreamMissing(cs.name.clone()));
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            // Someone holds the key.
+            match self.get(&cs, Get::Last(subject)).await {
+                Ok(Some(m)) => match codec::decode_claim(&m.payload) {
+                    Ok(codec::Claim::Done(position)) => {
+                        let position = position.map(|(offset, epoch)| Position { offset, epoch });
+                        return Ok(Err(Idempotent::Duplicate(position)));
+                    }
+                    Ok(codec::Claim::Pending) => {}
+                    Err(e) => {
+                        // Not written by this version: the key is taken all the same.
+                        tracing::warn!(%subject, error = %e, "undecodable idempotency claim");
+                        return Ok(Err(Idempotent::Duplicate(None)));
+                    }
+                },
+                // Released or expired meanwhile: claim again.
+                Ok(None) => {}
+                Err(NatsError::StreamMissing(_)) => {
+                    self.claims.lock().remove(&window_ms);
+                }
+                Err(e) => return Err(e),
+            }
+            if Instant::now() >= deadline {
+                return Err(NatsError::IdempotencyPending { room: room.clone(), key: key.to_string() });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// Records what the claimant's publish gave on its claim.
+    async fn record_claim(&self, cs: &JsStream, subject: &str, seq: u64, position: Option<&Position>) {
+        let claim = codec::Claim::Done(position.map(|p| (p.offset, p.epoch.clone())));
+        let body = codec::encode_claim(&claim);
+        for attempt in 1..=3 {
+            match self.publish_cas(&cs.name, subject.to_string(), body.clone(), seq, None).await {
+                Ok(Some(_)) => return,
+                Ok(None) => {
+                    // The claim expired and someone claimed the key again: theirs now.
+                    tracing::debug!(%subject, "idempotency claim replaced before it was recorded");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(%subject, attempt, error = %e, "cannot record an idempotency claim");
+                }
+            }
+        }
+    }
+
+    /// Releases the claimant's claim after its publish failed.
+    async fn release_claim(&self, cs: &JsStream, subject: &str, seq: u64) {
+        if let Err(e) = cs.stream.delete_message(seq).await {
+            tracing::warn!(%subject, error = %e, "cannot release an idempotency claim; the key stays used until the window ends");
+        }
     }
 
     /// One message from `stream`, `None` when there is none.
@@ -543,21 +826,39 @@ impl Inner {
         let missing = || NatsError::StreamMissing(js.name.clone());
         let stream = &js.stream;
         if js.direct {
-            let b = stream.direct_get_builder();
-            let b = match what {
-                Get::Last(s) => b.last_by_subject(s),
-                Get::Next(s, seq) => b.next_by_subject(s).sequence(seq),
-                Get::Seq(seq) => b.sequence(seq),
-            };
-            match b.send().await {
-                Ok(m) => Ok(Some(m)),
-                Err(e) => match e.kind() {
-                    DirectGetErrorKind::NotFound => Ok(None),
-                    DirectGetErrorKind::ErrorResponse(code, _) if code == StatusCode::NO_RESPONDERS => {
-                        Err(missing())
+            // A 2.9 server sometimes leaves a direct get unanswered when the stream was just
+            // created by several nodes at once: ask again (a read), each attempt bounded by
+            // a share of the request timeout.
+            let per_attempt =
+                (self.config.request_timeout / DIRECT_GET_ATTEMPTS).max(Duration::from_millis(100));
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let b = stream.direct_get_builder();
+                let b = match what {
+                    Get::Last(s) => b.last_by_subject(s),
+                    Get::Next(s, seq) => b.next_by_subject(s).sequence(seq),
+                    Get::Seq(seq) => b.sequence(seq),
+                };
+                let result = match tokio::time::timeout(per_attempt, b.send()).await {
+                    Ok(r) => r,
+                    Err(_) if attempt < DIRECT_GET_ATTEMPTS => {
+                        tracing::debug!(stream = %js.name, attempt, "direct get unanswered; asking again");
+                        continue;
                     }
-                    _ => Err(nats("direct get", e)),
-                },
+                    Err(_) => return Err(nats("direct get", "timed out")),
+                };
+                return match result {
+                    Ok(m) => Ok(Some(m)),
+                    Err(e) => match e.kind() {
+                        DirectGetErrorKind::NotFound => Ok(None),
+                        DirectGetErrorKind::ErrorResponse(code, _) if code == StatusCode::NO_RESPONDERS => {
+                            Err(missing())
+                        }
+                        DirectGetErrorKind::TimedOut if attempt < DIRECT_GET_ATTEMPTS => continue,
+                        _ => Err(nats("direct get", e)),
+                    },
+                };
             }
         } else {
             let b = stream.raw_message_builder();
@@ -581,18 +882,22 @@ impl Inner {
         }
     }
 
-    /// Publishes with `Nats-Expected-Last-Subject-Sequence: expected`. `Ok(None)`: another
-    /// message came first.
+    /// Publishes with `Nats-Expected-Last-Subject-Sequence: expected` (and the header `flag`
+    /// `(name, value)`, when given). `Ok(None)`: another message came first.
     async fn publish_cas(
         &self,
         stream: &str,
         subject: String,
         body: Bytes,
         expected: u64,
+        flag: Option<(&'static str, &str)>,
     ) -> Result<Option<u64>, NatsError> {
         let mut headers = HeaderMap::new();
         headers.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, expected.to_string().as_str());
         headers.insert(NATS_EXPECTED_STREAM, stream);
+        if let Some((name, value)) = flag {
+            headers.insert(name, value);
+        }
         let result = match self.js.publish_with_headers(subject, headers, body).await {
             Ok(ack) => ack.await,
             Err(e) => Err(e),
@@ -623,40 +928,95 @@ impl Inner {
         })
     }
 
-    /// The room's marker: its sequence (0: none) and epoch (`None`: none or unreadable).
-    async fn marker(&self, subject: &str) -> Result<(u64, Option<String>), NatsError> {
+    /// The room's marker: its sequence (0: none), epoch (`None`: none or unreadable), and
+    /// when it was written by a take, the server time it was stored (ns since the epoch).
+    async fn marker(&self, subject: &str) -> Result<Marker, NatsError> {
         let es = self.epoch_stream().await?;
         Ok(match self.get(&es, Get::Last(subject)).await? {
-            None => (0, None),
-            Some(m) => (m.sequence, codec::decode_epoch(&m.payload)),
+            None => Marker { seq: 0, epoch: None, taken_at: None, taken: None },
+            Some(m) => Marker {
+                seq: m.sequence,
+                epoch: codec::decode_epoch(&m.payload),
+                taken_at: m.headers.get(TAKEN_HEADER).map(|_| m.time.unix_timestamp_nanos()),
+                taken: m
+                    .headers
+                    .get(TAKEN_HEADER)
+                    .and_then(|v| codec::decode_epoch(v.as_str().as_bytes()))
+                    // An older roomcast wrote `1`: no epoch.
+                    .filter(|e| e.len() > 1),
+            },
         })
     }
 
-    /// The epoch a fresh start of the room would take now (creating the marker if needed).
+    /// The epoch the room's first publication will carry, for a reader that found its
+    /// history empty (creating the marker if needed): the epoch of a take whose offset 1 is
+    /// on its way, else the one the next fresh start takes.
     async fn peek_epoch(&self, marker_subject: &str) -> Result<String, NatsError> {
         for _ in 0..PUBLISH_ATTEMPTS {
-            let (seq, epoch) = self.marker(marker_subject).await?;
-            if let Some(e) = epoch {
+            let m = self.marker(marker_subject).await?;
+            if let Some(e) = m.taken.or(m.epoch) {
                 return Ok(e);
             }
             let fresh = new_epoch();
             let es = self.epoch_stream().await?;
             let body = Bytes::from(fresh.clone().into_bytes());
-            if self.publish_cas(&es.name, marker_subject.to_string(), body, seq).await?.is_some() {
+            if self.publish_cas(&es.name, marker_subject.to_string(), body, m.seq, None).await?.is_some() {
                 return Ok(fresh);
             }
         }
         Err(nats("epoch marker", "too much contention on an epoch marker"))
     }
 
-    /// Takes the marker's epoch for a fresh start, replacing it by a new one. `None`: another
-    /// node changed the marker first.
-    async fn take_epoch(&self, marker_subject: &str) -> Result<Option<String>, NatsError> {
-        let (seq, epoch) = self.marker(marker_subject).await?;
-        let epoch = epoch.unwrap_or_else(new_epoch);
+    /// Takes the marker's epoch for a fresh start, replacing it by a new one (marked as
+    /// written by a take).
+    ///
+    /// A publisher that read the marker *after* another node's take but before that node
+    /// stored its offset 1 takes the next epoch with a successful compare-and-set, and the
+    /// two offsets 1 race. So when the replaced marker was itself a take, stored less than
+    /// `window` before ours (both server timestamps: no clock skew), the caller is told to
+    /// wait (at most `window`) for that start and continue it. `window` is the request
+    /// timeout, or the history's TTL when shorter (an older take's start may have expired).
+    async fn take_epoch(&self, marker_subject: &str, window: Duration) -> Result<Take, NatsError> {
+        let m = self.marker(marker_subject).await?;
+        let had_epoch = m.epoch.is_some();
+        let epoch = m.epoch.unwrap_or_else(new_epoch);
         let es = self.epoch_stream().await?;
         let next = Bytes::from(new_epoch().into_bytes());
-        Ok(self.publish_cas(&es.name, marker_subject.to_string(), next, seq).await?.map(|_| epoch))
+        Ok(
+            match self
+                .publish_cas(
+                    &es.name,
+                    marker_subject.to_string(),
+                    next.clone(),
+                    m.seq,
+                    Some((TAKEN_HEADER, &epoch)),
+                )
+                .await?
+            {
+                Some(seq) => {
+                    let recent_take = match m.taken_at {
+                        None => None,
+                        Some(before) => {
+                            let age = match self.get(&es, Get::Seq(seq)).await? {
+                                Some(ours) => {
+                                    let ns = ours.time.unix_timestamp_nanos().saturating_sub(before).max(0);
+                                    Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
+                                }
+                                // Already replaced again: assume the worst, it was recent.
+                                None => Duration::ZERO,
+                            };
+                            (age < window).then(|| window - age)
+                        }
+                    };
+                    let next = String::from_utf8_lossy(&next).into_owned();
+                    Take::Took { epoch, recent_take, marker: TookMarker { seq, next } }
+                }
+                // Only a take replaces an epoch a marker holds: another node took it for this
+                // very fresh start.
+                None if had_epoch => Take::TakenByOther,
+                None => Take::Changed,
+            },
+        )
     }
 
     fn room_lock(&self, subject: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -707,6 +1067,7 @@ impl Inner {
         let mut hs = self.history_stream(history).await?;
         let subject = format!("{}.h.{}.{}", self.config.prefix, hs.tag, room_token(room));
         let marker_subject = format!("{}.epoch.{}", self.config.prefix, room_token(room));
+        let take_window = self.config.request_timeout.min(history.ttl.max(Duration::from_millis(100)));
         let lock = self.room_lock(&subject);
         let _serialised = lock.lock().await;
         for attempt in 0..PUBLISH_ATTEMPTS {
@@ -728,11 +1089,34 @@ impl Inner {
                     Err(e) => return Err(e),
                 },
             };
+            // The marker this attempt's take wrote, when it took one.
+            let mut took = None;
             let (offset, epoch, expected) = match tail {
                 Tail::At { offset, epoch, seq } => (offset + 1, epoch, seq),
-                Tail::Empty => match self.take_epoch(&marker_subject).await {
-                    Ok(Some(epoch)) => (1, Arc::from(epoch), 0),
-                    Ok(None) => continue,
+                Tail::Empty => match self.take_epoch(&marker_subject, take_window).await {
+                    Ok(Take::Took { epoch, recent_take, marker }) => {
+                        tracing::debug!(%subject, %epoch, ?recent_take, attempt, "fresh start: took an epoch");
+                        if let Some(wait) = recent_take
+                            && self.wait_for_start(&hs, &subject, wait).await
+                        {
+                            // The earlier take's offset 1 arrived: continue its epoch (the
+                            // one readers were told); ours is never used.
+                            self.clear_take(&marker_subject, marker).await;
+                            continue;
+                        }
+                        took = Some(marker);
+                        (1, Arc::from(epoch), 0)
+                    }
+                    Ok(Take::TakenByOther) => {
+                        tracing::debug!(%subject, attempt, "fresh start taken by another node: waiting for it");
+                        // That node is about to store offset 1 with the epoch readers were
+                        // told. Taking the marker's next epoch instead could store first, and
+                        // the room would start with an epoch nobody was told: wait for it
+                        // (when it does not come, that node failed: take the next one).
+                        self.wait_for_start(&hs, &subject, self.config.request_timeout).await;
+                        continue;
+                    }
+                    Ok(Take::Changed) => continue,
                     Err(NatsError::StreamMissing(_)) => {
                         *self.epochs.lock() = None;
                         continue;
@@ -748,13 +1132,24 @@ impl Inner {
                 }
             };
             let body = codec::encode_publication(publication, Some((offset, &epoch)))?;
-            match self.publish_cas(&hs.name, subject.clone(), body, expected).await {
+            match self.publish_cas(&hs.name, subject.clone(), body, expected, None).await {
                 Ok(Some(seq)) => {
                     let c = Cached { offset, epoch: epoch.clone(), seq, connects, used: Instant::now() };
                     self.cache.lock().insert(subject, c);
+                    if let Some(marker) = took {
+                        // Started: readers now find offset 1 in the history itself.
+                        self.clear_take(&marker_subject, marker).await;
+                    }
                     return Ok(Position { offset, epoch: epoch.to_string() });
                 }
-                Ok(None) => self.uncache(&subject),
+                Ok(None) => {
+                    tracing::debug!(%subject, offset, %epoch, expected, attempt, "another publication came first");
+                    self.uncache(&subject);
+                    if let Some(marker) = took {
+                        // Another start came first: the epoch we took is never used.
+                        self.clear_take(&marker_subject, marker).await;
+                    }
+                }
                 Err(NatsError::StreamMissing(_)) => {
                     self.uncache(&subject);
                     self.forget_history_stream(history);
@@ -767,6 +1162,39 @@ impl Inner {
             }
         }
         Err(NatsError::Contention { room: room.clone(), attempts: PUBLISH_ATTEMPTS })
+    }
+
+    /// Clears the flag of the marker our take wrote (when it is still the room's marker): the
+    /// start it announced is stored, or will never be.
+    async fn clear_take(&self, marker_subject: &str, marker: TookMarker) {
+        let cleared = match self.epoch_stream().await {
+            Ok(es) => {
+                let body = Bytes::from(marker.next.into_bytes());
+                self.publish_cas(&es.name, marker_subject.to_string(), body, marker.seq, None).await
+            }
+            Err(e) => Err(e),
+        };
+        match cleared {
+            Ok(Some(_)) => {}
+            // Replaced by another take meanwhile: that one is the room's news now.
+            Ok(None) => tracing::debug!(%marker_subject, "epoch marker replaced before its take was cleared"),
+            // Readers keep reporting the taken epoch, which is right when the start is stored.
+            Err(e) => tracing::debug!(%marker_subject, error = %e, "cannot clear a take of an epoch marker"),
+        }
+    }
+
+    /// Waits, at most `limit`, until `subject`'s history is not empty; whether it is not.
+    async fn wait_for_start(&self, hs: &JsStream, subject: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.tail(hs, subject).await {
+                Ok(Tail::Empty) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Ok(Tail::Empty) => return false,
+                _ => return true,
+            }
+        }
     }
 
     /// Decodes a stored message of `room`'s `subject`; `None` when it is not one.
@@ -812,6 +1240,11 @@ impl Inner {
                 }
                 other => other?,
             };
+            // A start stored after the history looked empty (and its take cleared before the
+            // marker was read) shows in the history now: read again.
+            if matches!(self.tail(hs, &subject).await?, Tail::At { .. }) {
+                return Ok(Err(Position { offset: 0, epoch }));
+            }
             let continuable = match &query.since {
                 None => true,
                 Some(s) => s.offset == 0 && s.epoch == epoch,
@@ -832,6 +1265,7 @@ impl Inner {
             None => None,
             Some(s) => {
                 if s.epoch != position.epoch || s.offset > top {
+                    tracing::debug!(room = %room, since = ?s, ?position, "not continuable: another epoch or a future offset");
                     return page(Vec::new(), false);
                 }
                 if s.offset == top {
@@ -899,7 +1333,10 @@ impl Inner {
                     Some(s) if s.offset() + 1 == offset && s.epoch() == position.epoch => cur = s,
                     // Older ones are gone (trimmed meanwhile): `since` cannot be continued, a
                     // plain read just starts later.
-                    _ if after.is_some() => return page(Vec::new(), false),
+                    other if after.is_some() => {
+                        tracing::debug!(room = %room, offset, ?prev, older = ?other.map(|s| (s.seq, s.offset())), "not continuable: the walk back broke");
+                        return page(Vec::new(), false);
+                    }
                     _ => break,
                 }
             }
@@ -1098,6 +1535,62 @@ impl Inner {
         Ok(Some(out))
     }
 
+    /// Remembers a republished stored message as its room's last one (for publishing).
+    fn remember(&self, r: &Republished) {
+        let connects = self.connects();
+        let mut cache = self.cache.lock();
+        let newer = cache.get(&r.subject).is_none_or(|c| c.connects != connects || c.seq < r.seq);
+        if newer {
+            let c = Cached {
+                offset: r.offset,
+                epoch: Arc::from(r.epoch.as_str()),
+                seq: r.seq,
+                connects,
+                used: Instant::now(),
+            };
+            cache.insert(r.subject.clone(), c);
+        }
+    }
+
+    /// The stored publications of `r`'s room from offset `from` to the one before `r`, in
+    /// order, read back along the chain of subject sequences (each message names the one
+    /// before it). `None` when they are not all there (trimmed, expired, another epoch),
+    /// when there are more than [`REPAIR_MAX`], or when the server does not answer within
+    /// the request timeout.
+    async fn repair(&self, room: &Room, r: &Republished, from: u64) -> Option<Vec<BrokerPublication>> {
+        let count = r.offset.checked_sub(from)?;
+        if count == 0 || count > REPAIR_MAX {
+            return None;
+        }
+        let known = self.streams.lock().values().find(|s| s.name == r.stream).cloned();
+        let js = match known {
+            Some(js) => js,
+            None => {
+                let stream = self.js.get_stream_no_info(&r.stream).await.ok()?;
+                Arc::new(JsStream { name: r.stream.clone(), tag: String::new(), direct: self.direct, stream })
+            }
+        };
+        let walk = async {
+            let mut out = Vec::with_capacity(count as usize);
+            let mut prev = r.prev;
+            for want in (from..r.offset).rev() {
+                if prev == 0 {
+                    return None;
+                }
+                let m = self.get(&js, Get::Seq(prev)).await.ok()??;
+                let s = Self::stored(room, &r.subject, &m)?;
+                if s.offset() != want || s.epoch() != r.epoch {
+                    return None;
+                }
+                prev = s.prev.unwrap_or(0);
+                out.push(s.publication);
+            }
+            out.reverse();
+            Some(out)
+        };
+        tokio::time::timeout(self.config.request_timeout, walk).await.ok().flatten()
+    }
+
     async fn history(
         &self,
         room: &Room,
@@ -1109,7 +1602,10 @@ impl Inner {
             let hs = self.history_stream(history).await?;
             match self.read_page(&hs, room, &query).await {
                 Ok(Ok(page)) => return Ok(page),
-                Ok(Err(p)) => position = Some(p),
+                Ok(Err(p)) => {
+                    tracing::debug!(room = %room, position = ?p, "the history changed while it was read; reading again");
+                    position = Some(p);
+                }
                 Err(NatsError::StreamMissing(_)) => self.forget_history_stream(history),
                 Err(e) => return Err(e),
             }
@@ -1149,28 +1645,47 @@ async fn deliver(
     room: Room,
     mut sub: async_nats::Subscriber,
     handler: Arc<dyn BrokerEventHandler>,
-    cache: Weak<Mutex<HashMap<String, Cached>>>,
-    stats: Arc<async_nats::Statistics>,
+    inner: Weak<Inner>,
 ) {
+    // The last publication handed to the handler: (epoch, offset).
+    let mut last: Option<(String, u64)> = None;
     while let Some(msg) = sub.next().await {
         match codec::decode_live(&room, &msg.payload) {
             Ok(codec::Live::Publication(p)) => {
-                if let (Some(offset), Some(epoch), Some(headers)) = (p.offset, &p.epoch, &msg.headers) {
-                    // A republished stored message: remember it as the room's last one.
-                    let seq = header_u64(headers, "Nats-Sequence");
-                    let subject = headers.get("Nats-Subject").map(|v| v.as_str().to_string());
-                    if let (Some(seq), Some(subject), Some(cache)) = (seq, subject, cache.upgrade()) {
-                        let connects = stats.connects.load(Ordering::Relaxed);
-                        let mut cache = cache.lock();
-                        let newer = cache.get(&subject).is_none_or(|c| c.connects != connects || c.seq < seq);
-                        if newer {
-                            let epoch: Arc<str> = Arc::from(epoch.as_str());
-                            cache.insert(
-                                subject,
-                                Cached { offset, epoch, seq, connects, used: Instant::now() },
-                            );
+                let republished = match (p.offset, p.epoch.as_deref(), msg.headers.as_ref()) {
+                    (Some(offset), Some(epoch), Some(headers)) => Republished::of(offset, epoch, headers),
+                    _ => None,
+                };
+                if let Some(r) = &republished {
+                    if let Some(inner) = inner.upgrade() {
+                        inner.remember(r);
+                    }
+                    // The server may hand two publishers' messages over in another order than
+                    // it stored them (nats-server 2.9 does): put the room's order back.
+                    let missing = match &last {
+                        Some((e, o)) if *e == r.epoch && r.offset <= *o => {
+                            tracing::debug!(room = %room, offset = r.offset, "dropped a publication delivered late (already repaired)");
+                            continue;
+                        }
+                        Some((e, o)) if *e == r.epoch => (r.offset > o + 1).then_some(o + 1),
+                        Some(_) => (r.offset > 1).then_some(1),
+                        None => None,
+                    };
+                    if let (Some(from), Some(inner)) = (missing, inner.upgrade()) {
+                        match inner.repair(&room, r, from).await {
+                            Some(earlier) => {
+                                tracing::debug!(room = %room, from, to = r.offset - 1, "repaired the order of publications from the stream");
+                                for e in &earlier {
+                                    handler.handle_publication(e);
+                                }
+                            }
+                            // The subscriber sees the gap and acts on it.
+                            None => {
+                                tracing::debug!(room = %room, from, to = r.offset - 1, "cannot repair a gap from the stream")
+                            }
                         }
                     }
+                    last = Some((r.epoch.clone(), r.offset));
                 }
                 handler.handle_publication(&p);
             }
@@ -1179,6 +1694,32 @@ async fn deliver(
                 tracing::warn!(room = %room, subject = %msg.subject, error = %e, "dropped an undecodable message");
             }
         }
+    }
+}
+
+/// What the stream's republish headers say about a stored publication.
+struct Republished {
+    offset: u64,
+    epoch: String,
+    /// The history stream and subject it was stored in, and its sequence there.
+    stream: String,
+    subject: String,
+    seq: u64,
+    /// The sequence of the subject's message before it (0: none).
+    prev: u64,
+}
+
+impl Republished {
+    fn of(offset: u64, epoch: &str, headers: &HeaderMap) -> Option<Self> {
+        Some(Self {
+            offset,
+            epoch: epoch.to_string(),
+            stream: headers.get("Nats-Stream")?.as_str().to_string(),
+            subject: headers.get("Nats-Subject")?.as_str().to_string(),
+            seq: header_u64(headers, "Nats-Sequence")?,
+            prev: header_u64(headers, "Nats-Last-Sequence")
+                .or_else(|| header_u64(headers, NATS_EXPECTED_LAST_SUBJECT_SEQUENCE.as_ref()))?,
+        })
     }
 }
 
@@ -1199,9 +1740,8 @@ async fn watch_connection(inner: Weak<Inner>, mut events: mpsc::UnboundedReceive
                 }
                 tracing::info!("NATS connection is back");
                 // Subscriptions were re-sent before this event's effects: once the server
-                // answered a ping, they are all in place again.
-                let flushed = tokio::time::timeout(inner.config.request_timeout, inner.client.flush()).await;
-                if !matches!(flushed, Ok(Ok(()))) {
+                // answered a request, they are all in place again.
+                if inner.round_trip().await.is_err() {
                     continue;
                 }
                 if let Some(h) = inner.handler.get() {
@@ -1233,6 +1773,22 @@ impl Broker for NatsBroker {
         let inner = &self.inner;
         let _ = inner.handler.set(handler);
         inner.epoch_stream().await?;
+        let subscribed = inner.control.lock().as_ref().is_some_and(|t| !t.is_finished());
+        if !subscribed {
+            let handler = inner.handler.get().ok_or(NatsError::NotStarted)?.clone();
+            let mut sub =
+                inner.client.subscribe(self.control_subject()).await.map_err(|e| nats("subscribe", e))?;
+            let task = tokio::spawn(async move {
+                while let Some(msg) = sub.next().await {
+                    handler.handle_control(&msg.payload);
+                }
+            });
+            if let Some(old) = inner.control.lock().replace(task.abort_handle()) {
+                old.abort();
+            }
+            // Once the server answered, the subscription is in place.
+            inner.round_trip().await?;
+        }
         if let Some(events) = inner.events.lock().take() {
             if inner.client.connection_state() == State::Connected {
                 inner.ready.store(true, Ordering::SeqCst);
@@ -1259,23 +1815,13 @@ impl Broker for NatsBroker {
         if !live {
             let sub =
                 inner.client.subscribe(self.live_subject(room)).await.map_err(|e| nats("subscribe", e))?;
-            let task = tokio::spawn(deliver(
-                room.clone(),
-                sub,
-                handler,
-                Arc::downgrade(&inner.cache),
-                inner.stats.clone(),
-            ));
+            let task = tokio::spawn(deliver(room.clone(), sub, handler, Arc::downgrade(inner)));
             if let Some(old) = inner.subs.lock().insert(room.clone(), task.abort_handle()) {
                 old.abort();
             }
         }
         // Once the server answered, the subscription is in place.
-        match tokio::time::timeout(inner.config.request_timeout, inner.client.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(nats("flush", e)),
-            Err(_) => Err(nats("flush", "timed out")),
-        }
+        inner.round_trip().await
     }
 
     async fn unsubscribe(&self, room: &Room) -> Result<(), NatsError> {
@@ -1298,6 +1844,37 @@ impl Broker for NatsBroker {
             return Ok(None);
         }
         self.inner.publish_history(&publication, history).await.map(Some)
+    }
+
+    async fn publish_idempotent(
+        &self,
+        publication: BrokerPublication,
+        history: HistoryOptions,
+        key: &str,
+        window: Duration,
+    ) -> Result<Idempotent, NatsError> {
+        check_idempotent(key, window)?;
+        let inner = &self.inner;
+        let subject = self.idempotency_subject(&publication.room, key, window);
+        let (cs, seq) = match inner.claim(&publication.room, key, window_ms(window), &subject).await? {
+            Ok(claimed) => claimed,
+            Err(answer) => return Ok(answer),
+        };
+        match Broker::publish(self, publication, history).await {
+            Ok(position) => {
+                inner.record_claim(&cs, &subject, seq, position.as_ref()).await;
+                Ok(Idempotent::Published(position))
+            }
+            Err(e) => {
+                inner.release_claim(&cs, &subject, seq).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn publish_control(&self, payload: Bytes) -> Result<(), NatsError> {
+        check_control(&payload)?;
+        self.inner.client.publish(self.control_subject(), payload).await.map_err(|e| nats("publish", e))
     }
 
     async fn publish_event(&self, room: &Room, event: RoomEvent) -> Result<(), NatsError> {

@@ -19,6 +19,9 @@
 //!   Redis is unreachable.
 //! - TLS (`rediss://`) is not built in and is refused with a clear error.
 //!
+//! The URL is parsed by `roomcast_redis_common::parse_url`, shared with the Redis presence
+//! (which also reads `presence_ttl_ms`).
+//!
 //! # Key layout
 //!
 //! Every key of a room carries the room as its Redis Cluster hash tag, so they all live on
@@ -29,6 +32,8 @@
 //! | `<prefix>:{<room>}:meta` | hash | `epoch` (string), `offset` (last offset of the epoch) |
 //! | `<prefix>:{<room>}:stream` | stream | one entry per kept publication: ID `<offset>-0`, fields `t` (publish time, ms, Redis clock) and `d` (the encoded publication) |
 //! | `<prefix>:{<room>}` | pub/sub channel | every publication and join/leave of the room |
+//! | `<prefix>:{<room>}:idem:<key>` | string, `PX` = the window | an idempotency key used in the room: `<offset>:<epoch>` of the first publication, or empty without history |
+//! | `<prefix>:control` | pub/sub channel (sharded in cluster mode) | control messages, raw payload bytes; every node subscribes at `start` |
 //!
 //! # Script contracts
 //!
@@ -45,6 +50,14 @@
 //!   drops expired publications; decides `continuable` exactly as the memory broker (same
 //!   epoch, `since <= offset`, and everything after `since` still kept); returns
 //!   `{offset, epoch, continuable, id, frame, id, frame, …}` read with `XRANGE`/`XREVRANGE`.
+//! - **idempotent publish** (one Lua script, so claiming the key and publishing are one
+//!   atomic step, on the room's slot): `GET` of the key; when present returns
+//!   `{0, stored}` and publishes nothing. Otherwise publishes exactly as the publish script
+//!   (or, without history, only `PUBLISH`es the frame), then
+//!   `SET <key> "<offset>:<epoch>" PX <window>` (empty value without history) and returns
+//!   `{1, stored}`. The key is written last: a script that fails before it leaves no key,
+//!   so a retry may publish. A call whose reply was lost (timeout) may have published; its
+//!   retry then answers `Duplicate` with the position.
 //! - Scripts run with `EVALSHA`, falling back to `EVAL` on `NOSCRIPT` (after a restart or
 //!   on a new cluster node).
 //! - Without history ([`HistoryOptions::OFF`]) a publication is only `PUBLISH`ed, with no
@@ -67,9 +80,14 @@
 //! once Redis confirmed: `SSUBSCRIBE` answers itself; after `SUBSCRIBE` (which the client
 //! library acknowledges on write) a `PING` on the same connection is awaited.
 //!
+//! The control channel is subscribed on the same connection at [`Broker::start`] (before
+//! it returns), and its messages go to [`BrokerEventHandler::handle_control`] as they are;
+//! Redis pub/sub keeps one publisher's messages in order and stores nothing. Payloads are
+//! at most [`crate::MAX_CONTROL_PAYLOAD`] bytes.
+//!
 //! When the subscriber connection drops, [`Broker::is_ready`] turns false; the client
 //! reconnects by itself (exponential back-off, forever); then every room this node wanted
-//! is subscribed again, `is_ready` turns true and [`BrokerEventHandler::handle_interruption`]
+//! is subscribed again (the control channel too), `is_ready` turns true and [`BrokerEventHandler::handle_interruption`]
 //! is called, since publications may have been missed meanwhile. The same happens when
 //! the subscriber falls too far behind (its buffer overflowed) or the cluster layout
 //! changed. A heartbeat `PING` every few seconds forces a reconnection of a connection that
@@ -94,13 +112,14 @@ use tokio::task::JoinHandle;
 
 use crate::memory::new_epoch;
 use crate::{
-    Broker, BrokerEventHandler, BrokerPublication, HistoryOptions, HistoryPage, HistoryQuery, RoomEvent,
+    Broker, BrokerEventHandler, BrokerPublication, HistoryOptions, HistoryPage, HistoryQuery, Idempotent,
+    InvalidRequest, RoomEvent, check_control, check_idempotent,
 };
 
 /// Default key and channel prefix.
-pub const DEFAULT_PREFIX: &str = "roomcast";
+pub const DEFAULT_PREFIX: &str = roomcast_redis_common::DEFAULT_PREFIX;
 /// Default bound of every Redis command.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_TIMEOUT: Duration = roomcast_redis_common::DEFAULT_TIMEOUT;
 /// How many pub/sub messages may wait for the reader before it counts as interrupted.
 const SUBSCRIBER_BUFFER: usize = 1 << 16;
 /// How often a pending resubscription is retried and the subscriber connection checked.
@@ -125,6 +144,8 @@ pub enum RedisError {
     Decode(#[from] wire::WireError),
     #[error("the broker was not started")]
     NotStarted,
+    #[error("{0}")]
+    Invalid(#[from] InvalidRequest),
 }
 
 /// Where and how to reach Redis; see the module documentation for the URL.
@@ -143,140 +164,14 @@ pub struct RedisConfig {
 impl RedisConfig {
     /// Parses a connection URL (see the module documentation).
     pub fn from_url(url: &str) -> Result<Self, RedisError> {
-        let parsed = url::parse(url).map_err(RedisError::Config)?;
-        let client = if parsed.cluster {
-            FredConfig::from_url_clustered(&parsed.client_url)
-        } else {
-            FredConfig::from_url_centralized(&parsed.client_url)
-        }
-        .map_err(|e| RedisError::Config(e.to_string()))?;
-        Ok(RedisConfig { client, cluster: parsed.cluster, prefix: parsed.prefix, timeout: parsed.timeout })
-    }
-}
-
-/// Parsing of the connection URL, shared in spirit with the Redis presence.
-mod url {
-    use std::time::Duration;
-
-    #[derive(Debug)]
-    pub struct Parsed {
-        /// The URL for the client library: our parameters removed, extra seed hosts as
-        /// `node=` parameters.
-        pub client_url: String,
-        pub cluster: bool,
-        pub prefix: String,
-        pub timeout: Duration,
-    }
-
-    pub fn valid_prefix(p: &str) -> bool {
-        !p.is_empty() && p.len() <= 64 && p.bytes().all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}')
-    }
-
-    pub fn parse(url: &str) -> Result<Parsed, String> {
-        let url = url.trim();
-        let Some((scheme, rest)) = url.split_once("://") else {
-            return Err(format!("{url:?} is not a redis:// URL"));
-        };
-        let mut cluster = match scheme {
-            "redis" | "valkey" => false,
-            "redis-cluster" | "valkey-cluster" => true,
-            "rediss" | "valkeys" | "rediss-cluster" | "valkeys-cluster" => {
-                return Err("TLS (rediss://) is not supported by this build".into());
-            }
-            other => {
-                return Err(format!("unsupported scheme {other:?}: expected redis:// or redis-cluster://"));
-            }
-        };
-        let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let mut prefix = super::DEFAULT_PREFIX.to_string();
-        let mut timeout = super::DEFAULT_TIMEOUT;
-        let mut passed: Vec<String> = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            match k {
-                "prefix" => {
-                    if !valid_prefix(v) {
-                        return Err(format!("prefix {v:?}: 1 to 64 printable bytes, no braces"));
-                    }
-                    prefix = v.to_string();
-                }
-                "timeout_ms" => match v.parse::<u64>() {
-                    Ok(ms) if ms > 0 => timeout = Duration::from_millis(ms),
-                    _ => return Err(format!("timeout_ms {v:?}: expected a positive integer")),
-                },
-                "cluster" => match v {
-                    "true" | "1" | "yes" => cluster = true,
-                    "false" | "0" | "no" => {}
-                    _ => return Err(format!("cluster {v:?}: expected true or false")),
-                },
-                // The Redis presence's own parameter: not for the client library.
-                "presence_ttl_ms" => {}
-                _ => passed.push(pair.to_string()),
-            }
-        }
-        // Seeds listed with commas: `user:pw@a:1,b:2/0`. Commas after the credentials only.
-        let (authority, path) = match location.find('/') {
-            Some(i) => location.split_at(i),
-            None => (location, ""),
-        };
-        let (creds, hosts) = match authority.rfind('@') {
-            Some(i) => authority.split_at(i + 1),
-            None => ("", authority),
-        };
-        let mut seeds = hosts.split(',').map(str::trim).filter(|h| !h.is_empty());
-        let Some(first) = seeds.next() else {
-            return Err("no host in the URL".into());
-        };
-        let extra: Vec<&str> = seeds.collect();
-        if !extra.is_empty() && !cluster {
-            return Err("several hosts need cluster mode (cluster=true or redis-cluster://)".into());
-        }
-        for h in extra {
-            passed.push(format!("node={h}"));
-        }
-        let scheme = if cluster { "redis-cluster" } else { "redis" };
-        let mut client_url = format!("{scheme}://{creds}{first}{path}");
-        if !passed.is_empty() {
-            client_url.push('?');
-            client_url.push_str(&passed.join("&"));
-        }
-        Ok(Parsed { client_url, cluster, prefix, timeout })
+        let u = roomcast_redis_common::parse_url(url).map_err(RedisError::Config)?;
+        Ok(RedisConfig { client: u.client, cluster: u.cluster, prefix: u.prefix, timeout: u.timeout })
     }
 }
 
 /// The Lua scripts, loaded by SHA1 and sent whole when Redis does not know them.
 mod scripts {
-    use fred::clients::Client;
-    use fred::error::Error as FredError;
-    use fred::interfaces::LuaInterface;
-    use fred::types::Value;
-    use sha1::{Digest, Sha1};
-
-    pub struct Script {
-        src: String,
-        sha: String,
-    }
-
-    impl Script {
-        pub fn new(src: String) -> Self {
-            let sha = Sha1::digest(src.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
-            Script { src, sha }
-        }
-
-        pub async fn run(
-            &self,
-            client: &Client,
-            keys: Vec<String>,
-            args: Vec<Value>,
-        ) -> Result<Value, FredError> {
-            match client.evalsha::<Value, _, _, _>(self.sha.as_str(), keys.clone(), args.clone()).await {
-                Err(e) if e.details().starts_with("NOSCRIPT") => {
-                    client.eval(self.src.as_str(), keys, args).await
-                }
-                other => other,
-            }
-        }
-    }
+    pub use roomcast_redis_common::Script;
 
     /// Shared helpers, prepended to both scripts.
     const COMMON: &str = r#"
@@ -285,9 +180,13 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 -- Drops the publications kept since `cutoff` ms or longer: always a prefix of the stream.
+-- Looks at the oldest one first, and reads further (64 at a time) only when it expired:
+-- every publish calls this, and reading 64 entries each time cost more than all the rest
+-- of the publish script together.
 local function trim_expired(stream, cutoff)
+  local count = 1
   while true do
-    local batch = redis.call('XRANGE', stream, '-', '+', 'COUNT', 64)
+    local batch = redis.call('XRANGE', stream, '-', '+', 'COUNT', count)
     local dead = {}
     for i = 1, #batch do
       local t = tonumber(batch[i][2][2]) or 0
@@ -295,29 +194,57 @@ local function trim_expired(stream, cutoff)
       dead[#dead + 1] = batch[i][1]
     end
     if #dead > 0 then redis.call('XDEL', stream, unpack(dead)) end
-    if #dead < 64 then return end
+    if #dead < count then return end
+    count = 64
   end
 end
 "#;
 
+    /// Publishing into a room with history, shared by the publish scripts.
     /// KEYS: meta, stream. ARGV: channel, body, size, ttl ms, proposed epoch, publish command.
-    const PUBLISH_BODY: &str = r#"
-local meta, stream = KEYS[1], KEYS[2]
-local size, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
-local now = now_ms()
-local epoch = redis.call('HGET', meta, 'epoch')
-if not epoch then
-  epoch = ARGV[5]
-  redis.call('DEL', stream)
-  redis.call('HSET', meta, 'epoch', epoch, 'offset', 0)
+    const PUBLISH_FN: &str = r#"
+local function publish_history()
+  local meta, stream = KEYS[1], KEYS[2]
+  local size, ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+  local now = now_ms()
+  local epoch = redis.call('HGET', meta, 'epoch')
+  if not epoch then
+    epoch = ARGV[5]
+    redis.call('DEL', stream)
+    redis.call('HSET', meta, 'epoch', epoch, 'offset', 0)
+  end
+  local offset = redis.call('HINCRBY', meta, 'offset', 1)
+  trim_expired(stream, now - ttl)
+  redis.call('XADD', stream, 'MAXLEN', size, string.format('%d-0', offset), 't', now, 'd', ARGV[2])
+  redis.call('PEXPIRE', stream, ttl)
+  redis.call('PEXPIRE', meta, ttl)
+  redis.call(ARGV[6], ARGV[1], '\1' .. cmsgpack.pack(offset) .. cmsgpack.pack(epoch) .. ARGV[2])
+  return offset, epoch
 end
-local offset = redis.call('HINCRBY', meta, 'offset', 1)
-trim_expired(stream, now - ttl)
-redis.call('XADD', stream, 'MAXLEN', size, string.format('%d-0', offset), 't', now, 'd', ARGV[2])
-redis.call('PEXPIRE', stream, ttl)
-redis.call('PEXPIRE', meta, ttl)
-redis.call(ARGV[6], ARGV[1], '\1' .. cmsgpack.pack(offset) .. cmsgpack.pack(epoch) .. ARGV[2])
+"#;
+
+    /// KEYS: meta, stream. ARGV: as `publish_history`.
+    const PUBLISH_BODY: &str = r#"
+local offset, epoch = publish_history()
 return {offset, epoch}
+"#;
+
+    /// KEYS: meta, stream, idempotency key. ARGV: 1-6 as `publish_history` (with history
+    /// off: channel and the whole frame, then ignored ones and the publish command),
+    /// window ms, history on ("1" / "0").
+    const IDEMPOTENT_BODY: &str = r#"
+local seen = redis.call('GET', KEYS[3])
+if seen then return {0, seen} end
+local stored = ''
+if ARGV[8] == '1' then
+  local offset, epoch = publish_history()
+  stored = string.format('%d:%s', offset, epoch)
+else
+  redis.call(ARGV[6], ARGV[1], ARGV[2])
+end
+-- Last: a failure above leaves the key free.
+redis.call('SET', KEYS[3], stored, 'PX', ARGV[7])
+return {1, stored}
 "#;
 
     /// KEYS: meta, stream. ARGV: ttl ms, proposed epoch, since offset ("" = none), since
@@ -371,7 +298,11 @@ return out
 "#;
 
     pub fn publish() -> Script {
-        Script::new(format!("{COMMON}{PUBLISH_BODY}"))
+        Script::new(format!("{COMMON}{PUBLISH_FN}{PUBLISH_BODY}"))
+    }
+
+    pub fn publish_idempotent() -> Script {
+        Script::new(format!("{COMMON}{PUBLISH_FN}{IDEMPOTENT_BODY}"))
     }
 
     pub fn history() -> Script {
@@ -655,6 +586,7 @@ struct Inner {
     /// Subscriptions only.
     sub: Client,
     publish: scripts::Script,
+    publish_idempotent: scripts::Script,
     history: scripts::Script,
     handler: OnceLock<Arc<dyn BrokerEventHandler>>,
     /// Rooms this node wants delivered. Locked across every SUBSCRIBE / UNSUBSCRIBE and
@@ -691,6 +623,8 @@ fn build_client(config: &RedisConfig, buffer: usize) -> Result<Client, FredError
             c.internal_command_timeout = config.timeout;
             // A command whose connection dropped in flight may have run: never resend it.
             c.max_command_attempts = 1;
+            // Small commands and replies: without this, Nagle and delayed ACKs add up to 40 ms.
+            c.tcp.nodelay = Some(true);
         })
         .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
     builder.build()
@@ -721,6 +655,7 @@ impl RedisBroker {
                 cmd,
                 sub,
                 publish: scripts::publish(),
+                publish_idempotent: scripts::publish_idempotent(),
                 history: scripts::history(),
                 handler: OnceLock::new(),
                 rooms: tokio::sync::Mutex::new(HashSet::new()),
@@ -776,6 +711,23 @@ impl Inner {
     fn channel(&self, room: &Room) -> String {
         channel_name(&self.config.prefix, room)
     }
+    fn idempotency_key(&self, room: &Room, key: &str) -> String {
+        format!("{}:{{{}}}:idem:{key}", self.config.prefix, room.as_str())
+    }
+
+    /// Subscribes the subscriber connection to the control channel; returns once Redis
+    /// confirmed.
+    async fn subscribe_control(&self) -> Result<(), RedisError> {
+        let channel = control_channel(&self.config.prefix);
+        if self.config.cluster {
+            self.sub.ssubscribe(channel).await?;
+        } else {
+            self.sub.subscribe(channel).await?;
+            // As for rooms: this PING's answer means Redis handled the SUBSCRIBE.
+            self.sub.ping::<Value>(None).await?;
+        }
+        Ok(())
+    }
     fn publish_command(&self) -> &'static str {
         if self.config.cluster { "SPUBLISH" } else { "PUBLISH" }
     }
@@ -808,6 +760,9 @@ impl Inner {
         let rooms = self.rooms.lock().await;
         self.synced.store(false, Ordering::SeqCst);
         let list: Vec<Room> = rooms.iter().cloned().collect();
+        if self.handler.get().is_some() {
+            self.subscribe_control().await?;
+        }
         self.subscribe_rooms(&list).await?;
         self.synced.store(true, Ordering::SeqCst);
         drop(rooms);
@@ -822,6 +777,11 @@ impl Inner {
 /// The pub/sub channel of a room.
 fn channel_name(prefix: &str, room: &Room) -> String {
     format!("{prefix}:{{{}}}", room.as_str())
+}
+
+/// The control channel. Never a room's channel: those hold braces.
+fn control_channel(prefix: &str) -> String {
+    format!("{prefix}:control")
 }
 
 /// The bytes of a reply value that should be a string.
@@ -851,9 +811,10 @@ async fn read_messages(
     prefix: String,
     mut rx: broadcast::Receiver<Message>,
 ) {
+    let control = control_channel(&prefix);
     loop {
         match rx.recv().await {
-            Ok(msg) => dispatch(&*handler, &prefix, msg),
+            Ok(msg) => dispatch(&*handler, &prefix, &control, msg),
             Err(RecvError::Lagged(n)) => {
                 tracing::warn!(missed = n, "redis broker: subscriber fell behind; reporting an interruption");
                 handler.handle_interruption();
@@ -863,12 +824,16 @@ async fn read_messages(
     }
 }
 
-fn dispatch(handler: &dyn BrokerEventHandler, prefix: &str, msg: Message) {
+fn dispatch(handler: &dyn BrokerEventHandler, prefix: &str, control: &str, msg: Message) {
     let channel = msg.channel;
     let Some(payload) = value_bytes(msg.value) else {
         tracing::warn!(channel = &*channel, "redis broker: non-binary message dropped");
         return;
     };
+    if &*channel == control {
+        handler.handle_control(&payload);
+        return;
+    }
     let frame = match wire::decode_frame(&payload) {
         Ok(f) => f,
         Err(e) => {
@@ -943,8 +908,13 @@ impl Broker for RedisBroker {
     type Error = RedisError;
 
     async fn start(&self, handler: Arc<dyn BrokerEventHandler>) -> Result<(), RedisError> {
-        let Some(receivers) = self.inner.receivers.lock().take() else {
+        if self.inner.receivers.lock().is_none() {
             return Ok(()); // already started
+        }
+        // Messages arriving meanwhile wait in the receiver created at connection time.
+        self.inner.subscribe_control().await?;
+        let Some(receivers) = self.inner.receivers.lock().take() else {
+            return Ok(()); // started concurrently
         };
         let _ = self.inner.handler.set(handler.clone());
         let Receivers { messages, connection } = receivers;
@@ -974,6 +944,9 @@ impl Broker for RedisBroker {
             self.inner.sub.sunsubscribe(channel).await?;
         } else {
             self.inner.sub.unsubscribe(channel).await?;
+            // As for SUBSCRIBE: the client library answers on write; this PING's answer
+            // means Redis handled the UNSUBSCRIBE, so nothing published later arrives.
+            self.inner.sub.ping::<Value>(None).await?;
         }
         Ok(())
     }
@@ -1013,6 +986,65 @@ impl Broker for RedisBroker {
             (Some(offset), Some(epoch)) if offset > 0 => Ok(Some(Position { offset, epoch })),
             other => Err(RedisError::Reply(format!("publish script returned {other:?}"))),
         }
+    }
+
+    async fn publish_idempotent(
+        &self,
+        publication: BrokerPublication,
+        history: HistoryOptions,
+        key: &str,
+        window: Duration,
+    ) -> Result<Idempotent, RedisError> {
+        check_idempotent(key, window)?;
+        let inner = &self.inner;
+        let room = &publication.room;
+        let on = history.enabled();
+        let payload =
+            if on { wire::encode_body(&publication)? } else { wire::encode_publication(&publication)? };
+        let keys = vec![inner.meta_key(room), inner.stream_key(room), inner.idempotency_key(room, key)];
+        let args = vec![
+            Value::from(inner.channel(room)),
+            Value::Bytes(Bytes::from(payload)),
+            Value::Integer(lua_count(history.size)),
+            Value::Integer(ttl_ms(history.ttl)),
+            Value::from(new_epoch()),
+            Value::from(inner.publish_command()),
+            Value::Integer(ttl_ms(window)),
+            Value::from(if on { "1" } else { "0" }),
+        ];
+        let reply = inner.publish_idempotent.run(&inner.cmd, keys, args).await?;
+        let bad = || RedisError::Reply(format!("idempotent publish script returned {reply:?}"));
+        let Value::Array(items) = &reply else {
+            return Err(bad());
+        };
+        let [flag, stored] = items.as_slice() else {
+            return Err(bad());
+        };
+        let stored = value_string(stored.clone()).ok_or_else(bad)?;
+        let position = if stored.is_empty() {
+            None
+        } else {
+            let (offset, epoch) = stored.split_once(':').ok_or_else(bad)?;
+            let offset = offset.parse::<u64>().map_err(|_| bad())?;
+            Some(Position { offset, epoch: epoch.to_string() })
+        };
+        match value_u64(flag) {
+            Some(1) => Ok(Idempotent::Published(position)),
+            Some(0) => Ok(Idempotent::Duplicate(position)),
+            _ => Err(bad()),
+        }
+    }
+
+    async fn publish_control(&self, payload: Bytes) -> Result<(), RedisError> {
+        check_control(&payload)?;
+        let inner = &self.inner;
+        let channel = control_channel(&inner.config.prefix);
+        if inner.config.cluster {
+            inner.cmd.spublish::<Value, _, _>(channel, payload).await?;
+        } else {
+            inner.cmd.publish::<Value, _, _>(channel, payload).await?;
+        }
+        Ok(())
     }
 
     async fn publish_event(&self, room: &Room, event: RoomEvent) -> Result<(), RedisError> {
@@ -1128,25 +1160,12 @@ mod tests {
 
     #[test]
     fn urls() {
-        let c = url::parse("redis://localhost:6379/2").unwrap();
-        assert_eq!(c.client_url, "redis://localhost:6379/2");
-        assert!(!c.cluster);
-        assert_eq!(c.prefix, "roomcast");
-        let c = url::parse("redis://u:p,w@a:1,b:2?cluster=true&prefix=rc&timeout_ms=250&node=c:3").unwrap();
-        assert!(c.cluster);
-        assert_eq!(c.prefix, "rc");
-        assert_eq!(c.timeout, Duration::from_millis(250));
-        assert_eq!(c.client_url, "redis-cluster://u:p,w@a:1?node=c:3&node=b:2");
-        let c = url::parse("redis-cluster://a:1,b:2").unwrap();
-        assert_eq!(c.client_url, "redis-cluster://a:1?node=b:2");
-        assert!(url::parse("rediss://a:1").unwrap_err().contains("TLS"));
-        assert!(url::parse("redis://a:1,b:2").is_err());
-        assert!(url::parse("redis://a:1?prefix=a{b}").is_err());
-        assert!(url::parse("redis://a:1?timeout_ms=0").is_err());
-        assert!(url::parse("http://a:1").is_err());
         let cfg = RedisConfig::from_url("redis://127.0.0.1:7000,127.0.0.1:7001?cluster=1").unwrap();
         assert!(cfg.cluster);
         assert!(RedisConfig::from_url("redis://127.0.0.1:7000?presence_ttl_ms=10").is_ok());
+        assert!(
+            matches!(RedisConfig::from_url("rediss://a:1"), Err(RedisError::Config(e)) if e.contains("TLS"))
+        );
     }
 
     fn publication() -> BrokerPublication {

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/extras.rs"]
+mod extras;
 mod server;
 
 use std::collections::HashSet;
@@ -11,10 +13,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use roomcast_broker::redis::{RedisBroker, RedisConfig};
 use roomcast_broker::{
-    Broker, BrokerEventHandler, BrokerPublication, HistoryOptions, HistoryQuery, RoomEvent,
+    Broker, BrokerEventHandler, BrokerPublication, HistoryOptions, HistoryQuery, Idempotent, RoomEvent,
 };
 use roomcast_protocol::{Data, Member, Position, PublisherInfo, Room};
 use server::{RedisServer, wait_until};
@@ -28,6 +31,7 @@ struct Collect {
     publications: Mutex<Vec<BrokerPublication>>,
     events: Mutex<Vec<(Room, RoomEvent)>>,
     interruptions: AtomicUsize,
+    controls: Mutex<Vec<Vec<u8>>>,
 }
 
 impl BrokerEventHandler for Collect {
@@ -39,6 +43,18 @@ impl BrokerEventHandler for Collect {
     }
     fn handle_interruption(&self) {
         self.interruptions.fetch_add(1, Ordering::SeqCst);
+    }
+    fn handle_control(&self, payload: &[u8]) {
+        self.controls.lock().push(payload.to_vec());
+    }
+}
+
+impl extras::Seen for Collect {
+    fn controls(&self) -> Vec<Vec<u8>> {
+        self.controls.lock().clone()
+    }
+    fn publications_in(&self, room: &Room) -> Vec<BrokerPublication> {
+        self.publications.lock().iter().filter(|p| &p.room == room).cloned().collect()
     }
 }
 
@@ -309,6 +325,12 @@ async fn redis_restart_reconnects_resubscribes_and_reports_the_interruption() {
     .await;
     let page = a.history(&r, since(1, &p1.epoch), H).await.unwrap();
     assert!(!page.continuable);
+    // The control channel was subscribed again too.
+    b.publish_control(Bytes::from_static(b"after restart")).await.unwrap();
+    wait_until("control after the restart", WAIT, || {
+        [&ha, &hb].iter().all(|h| h.controls.lock().last().is_some_and(|c| c == b"after restart"))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -346,6 +368,40 @@ async fn expired_publications_and_expired_histories() {
     let p3 = b.publish(publication(&r, 3), opts).await.unwrap().unwrap();
     assert_eq!(p3.offset, 1);
     assert_ne!(p3.epoch, p1.epoch);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_trims_every_expired_publication() {
+    // More expired publications than one trimming batch (64) reads: the publish script
+    // must drop them all, and keep the history (and epoch) alive.
+    let redis = RedisServer::start();
+    let (b, _) = node(&redis.url()).await;
+    let opts = HistoryOptions { size: 1000, ttl: Duration::from_millis(1500) };
+    let r = room("trim");
+    let mut epoch = String::new();
+    for i in 1..=150 {
+        epoch = b.publish(publication(&r, i), opts).await.unwrap().unwrap().epoch;
+    }
+    // Not a wait for a condition: the next publication must be younger than the first 150.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let p = b.publish(publication(&r, 151), opts).await.unwrap().unwrap();
+    assert_eq!((p.offset, &p.epoch), (151, &epoch));
+    // Once the first 150 expired, one publish drops them all (no history read meanwhile).
+    wait_until("the first 150 expired", WAIT, || {
+        let t = redis.command(&["TIME"]);
+        let last = redis.command(&["XRANGE", "roomcast:{trim}:stream", "150-0", "150-0"]);
+        // "[[150-0 [t <ms> d …]]]": expired when its time is more than the TTL ago.
+        let parts: Vec<&str> = t.trim_matches(['[', ']']).split(' ').collect();
+        let now_ms = parts[0].parse::<u64>().unwrap() * 1000 + parts[1].parse::<u64>().unwrap() / 1000;
+        let at: u64 = last.split(' ').nth(2).unwrap().parse().unwrap();
+        now_ms > at + 1500
+    })
+    .await;
+    let p = b.publish(publication(&r, 152), opts).await.unwrap().unwrap();
+    assert_eq!((p.offset, &p.epoch), (152, &epoch));
+    assert_eq!(redis.command(&["XLEN", "roomcast:{trim}:stream"]), "2");
+    let page = b.history(&r, HistoryQuery::default(), opts).await.unwrap();
+    assert_eq!(offsets(&page), vec![151, 152]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -430,6 +486,85 @@ async fn redis_cluster_mode_uses_sharded_pubsub() {
     let p = a.publish(publication(&rooms[3], 1), H).await.unwrap().unwrap();
     assert_eq!(p.offset, 1);
     assert_ne!(Some(p.epoch), page.publications[0].epoch);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_messages_reach_every_node() {
+    let redis = RedisServer::start();
+    let (a, ha) = node(&redis.url()).await;
+    let (b, hb) = node(&redis.url()).await;
+    extras::control_reaches_every_node(&a, &*ha, &b, &*hb).await;
+    // Not a room's channel: a room called "control" is unaffected.
+    let r = room("control");
+    b.subscribe(&r).await.unwrap();
+    a.publish(publication(&r, 1), H).await.unwrap();
+    a.publish_control(Bytes::from_static(b"x")).await.unwrap();
+    wait_until("room and control", WAIT, || hb.count(&r) == 1 && hb.controls.lock().len() == 42).await;
+    assert_eq!(ha.controls.lock().len(), 42);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_same_key_twice_publishes_once() {
+    let redis = RedisServer::start();
+    let (a, _) = node(&redis.url()).await;
+    let (b, hb) = node(&redis.url()).await;
+    extras::same_key_twice_publishes_once(&a, &b, &*hb, H, "").await;
+    // The key layout the module documents.
+    let stored = redis.command(&["GET", "roomcast:{idem:twice}:idem:k2"]);
+    assert_eq!(stored.split_once(':').map(|(o, _)| o), Some("2"), "{stored}");
+    let ttl: i64 = redis.command(&["PTTL", "roomcast:{idem:twice}:idem:k2"]).parse().unwrap();
+    assert!(ttl > 0 && ttl <= 60_000, "{ttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_concurrent_calls_on_two_nodes_publish_once() {
+    let redis = RedisServer::start();
+    let (a, ha) = node(&redis.url()).await;
+    let (b, _) = node(&redis.url()).await;
+    extras::concurrent_calls_publish_once(Arc::new(a), Arc::new(b), &*ha, H, "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_key_publishes_again_after_the_window() {
+    let redis = RedisServer::start();
+    let (a, _) = node(&redis.url()).await;
+    extras::the_key_publishes_again_after_the_window(&a, H, "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_bad_keys_are_refused() {
+    let redis = RedisServer::start();
+    let (a, _) = node(&redis.url()).await;
+    extras::bad_keys_are_refused(&a, H, "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_failed_publish_releases_the_key() {
+    // A publish that fails inside the script (here: the room's meta key is not a hash)
+    // leaves the key free, so a retry publishes once the cause is gone.
+    let redis = RedisServer::start();
+    let (a, _) = node(&redis.url()).await;
+    let r = room("broken");
+    redis.command(&["SET", "roomcast:{broken}:meta", "not a hash"]);
+    let window = Duration::from_secs(60);
+    assert!(a.publish_idempotent(publication(&r, 1), H, "k", window).await.is_err());
+    assert_eq!(redis.command(&["EXISTS", "roomcast:{broken}:idem:k"]), "0");
+    redis.command(&["DEL", "roomcast:{broken}:meta"]);
+    let ok = a.publish_idempotent(publication(&r, 2), H, "k", window).await.unwrap();
+    assert!(matches!(ok, Idempotent::Published(Some(ref p)) if p.offset == 1), "{ok:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_mode_control_and_idempotency() {
+    let redis = RedisServer::start_cluster();
+    let url = format!("redis://127.0.0.1:{}?cluster=true&prefix=rc", redis.port());
+    let (a, ha) = node(&url).await;
+    let (b, hb) = node(&url).await;
+    let numsub = redis.command(&["PUBSUB", "SHARDNUMSUB", "rc:control"]);
+    assert!(numsub.contains("2"), "both nodes hold a sharded control subscription: {numsub}");
+    extras::control_reaches_every_node(&a, &*ha, &b, &*hb).await;
+    extras::same_key_twice_publishes_once(&a, &b, &*hb, H, "cl").await;
+    extras::concurrent_calls_publish_once(Arc::new(a), Arc::new(b), &*ha, H, "cl").await;
 }
 
 /// Polls an async condition until it holds, failing after `deadline`.

@@ -134,6 +134,13 @@ pub struct Config {
     /// On shutdown, how long connections get to close before the process exits.
     /// Env `ROOMCAST_SHUTDOWN_GRACE_MS`. Default 10000.
     pub shutdown_grace_ms: u64,
+    /// How often this node tells the cluster it is alive (and its counts), and reaps the
+    /// members of dead nodes. Env `ROOMCAST_HEARTBEAT_MS`. Default 1000.
+    pub heartbeat_ms: u64,
+    /// A node not heard of for this long is dead: its presence members are removed and a
+    /// `leave` is pushed for each, once. At least 3 heartbeats. Env
+    /// `ROOMCAST_NODE_TIMEOUT_MS`. Default 10000 (ghosts gone within about 11 s).
+    pub node_timeout_ms: u64,
     /// Whether connections without a token are accepted (user ""). Env
     /// `ROOMCAST_ALLOW_ANONYMOUS`. Default: true when `[auth]` configures no key, false
     /// as soon as it does (then set it to true explicitly to keep anonymous access).
@@ -158,6 +165,92 @@ pub struct Config {
     /// The header trusted proxies set: "x-forwarded-for" (default) or "forwarded"
     /// (RFC 7239). The other one is ignored.
     pub forwarded_header: ForwardedHeader,
+    /// The backend API (`[api]`): NATS subjects, HTTP key, client RPC.
+    pub api: ApiConfig,
+}
+
+/// The backend API (spec section 5): `<prefix>.api.<method>` over NATS, `POST /api/<method>`
+/// over HTTP, and client `rpc` forwarded to `<prefix>.rpc.<method>`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// NATS server of the API and of client RPC: a `nats://` (or `tls://`) URL, or "off".
+    /// Env `ROOMCAST_API_NATS_URL`. Default: the broker's URL when the broker is NATS,
+    /// else off (no NATS API; `rpc` gets error 114).
+    pub nats_url: Option<String>,
+    /// First subject token(s): requests on `<prefix>.api.<method>`, RPC on
+    /// `<prefix>.rpc.<method>`. Env `ROOMCAST_API_PREFIX`. Default "roomcast".
+    pub prefix: String,
+    /// Key of the HTTP API (`Authorization: apikey <key>`), at least 16 bytes. Env
+    /// `ROOMCAST_API_KEY`. Default: none, and then `/api/*` answers 404.
+    pub key: Option<String>,
+    /// How long a client `rpc` waits for its responder (then error 114). Default 5000.
+    pub rpc_timeout_ms: u64,
+    /// A `publish` repeating an `idempotency_key` seen within this window is not published
+    /// again. Default 300000 (5 minutes).
+    pub idempotency_window_ms: u64,
+    /// NATS API requests handled at once by this node; more wait (backpressure on the
+    /// subscription). Default 256.
+    pub max_in_flight: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            nats_url: None,
+            prefix: "roomcast".into(),
+            key: None,
+            rpc_timeout_ms: 5_000,
+            idempotency_window_ms: 300_000,
+            max_in_flight: 256,
+        }
+    }
+}
+
+/// Shortest HTTP API key accepted.
+pub const MIN_API_KEY_LEN: usize = 16;
+
+impl ApiConfig {
+    /// Checks every value.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let token_ok =
+            |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b));
+        if self.prefix.len() > 64 || !self.prefix.split('.').all(token_ok) {
+            return Err(invalid(
+                "api.prefix",
+                "1 to 64 characters: tokens of A-Z a-z 0-9 _ - separated by single dots",
+            ));
+        }
+        if let Some(url) = &self.nats_url
+            && url.trim() != "off"
+            && !(url.starts_with("nats://") || url.starts_with("tls://"))
+        {
+            return Err(invalid(
+                "api.nats_url",
+                format!("expected nats://…, tls://… or \"off\", got {url:?}"),
+            ));
+        }
+        if let Some(key) = &self.key
+            && (key.len() < MIN_API_KEY_LEN
+                || key.len() > 1024
+                || key.bytes().any(|b| !(0x21..0x7f).contains(&b)))
+        {
+            return Err(invalid(
+                "api.key",
+                format!("{MIN_API_KEY_LEN} to 1024 visible ASCII characters (no spaces)"),
+            ));
+        }
+        if self.rpc_timeout_ms == 0 || self.rpc_timeout_ms > 600_000 {
+            return Err(invalid("api.rpc_timeout_ms", "must be 1..=600000"));
+        }
+        if self.idempotency_window_ms == 0 || self.idempotency_window_ms > 86_400_000 {
+            return Err(invalid("api.idempotency_window_ms", "must be 1..=86400000 (a day)"));
+        }
+        if self.max_in_flight == 0 || self.max_in_flight > 65_536 {
+            return Err(invalid("api.max_in_flight", "must be 1..=65536"));
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -177,6 +270,8 @@ impl Default for Config {
             pong_timeout_ms: 10_000,
             handshake_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
+            heartbeat_ms: 1_000,
+            node_timeout_ms: 10_000,
             allow_anonymous: None,
             max_subscriptions: 512,
             max_presence_members: 1000,
@@ -186,6 +281,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             trusted_proxies: Vec::new(),
             forwarded_header: ForwardedHeader::default(),
+            api: ApiConfig::default(),
         }
     }
 }
@@ -282,6 +378,8 @@ impl Config {
         num(env, "ROOMCAST_PONG_TIMEOUT_MS", &mut self.pong_timeout_ms)?;
         num(env, "ROOMCAST_HANDSHAKE_TIMEOUT_MS", &mut self.handshake_timeout_ms)?;
         num(env, "ROOMCAST_SHUTDOWN_GRACE_MS", &mut self.shutdown_grace_ms)?;
+        num(env, "ROOMCAST_HEARTBEAT_MS", &mut self.heartbeat_ms)?;
+        num(env, "ROOMCAST_NODE_TIMEOUT_MS", &mut self.node_timeout_ms)?;
         num(env, "ROOMCAST_MAX_CONNECTIONS", &mut self.limits.max_connections)?;
         if let Some(v) = env.var("ROOMCAST_JWT_HMAC_SECRET") {
             self.auth.hmac_secret = Some(v);
@@ -294,6 +392,16 @@ impl Config {
                 var: "ROOMCAST_ALLOW_ANONYMOUS",
                 message: format!("expected true or false, got {v:?}"),
             })?);
+        }
+        if let Some(v) = env.var("ROOMCAST_API_NATS_URL") {
+            self.api.nats_url = Some(v);
+        }
+        if let Some(v) = env.var("ROOMCAST_API_PREFIX") {
+            self.api.prefix = v;
+        }
+        if let Some(v) = env.var("ROOMCAST_API_KEY") {
+            // An empty variable is no key (the HTTP API stays off).
+            self.api.key = Some(v).filter(|k| !k.is_empty());
         }
         if let Some(v) = env.var("ROOMCAST_TRUSTED_PROXIES") {
             self.trusted_proxies = v
@@ -335,6 +443,7 @@ impl Config {
             ("ping_ms", self.ping_ms),
             ("pong_timeout_ms", self.pong_timeout_ms),
             ("handshake_timeout_ms", self.handshake_timeout_ms),
+            ("heartbeat_ms", self.heartbeat_ms),
             ("max_subscriptions", self.max_subscriptions as u64),
             ("max_presence_members", self.max_presence_members as u64),
         ];
@@ -352,6 +461,9 @@ impl Config {
         if self.max_queue_bytes < self.max_message_size {
             return Err(invalid("max_queue_bytes", "must be at least max_message_size"));
         }
+        if self.node_timeout_ms < self.heartbeat_ms.saturating_mul(3) {
+            return Err(invalid("node_timeout_ms", "must be at least 3 heartbeats (3 x heartbeat_ms)"));
+        }
         validate_namespace("default_namespace", &self.default_namespace)?;
         for (name, ns) in &self.namespaces {
             if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-@=,/".contains(&b))
@@ -361,11 +473,31 @@ impl Config {
                     "a namespace name is 1 or more of A-Z a-z 0-9 . _ - @ = , / (no ':')",
                 ));
             }
+            if name.starts_with("__") {
+                return Err(invalid(
+                    format!("namespaces.{name}"),
+                    "names starting with \"__\" are reserved for the node's own use",
+                ));
+            }
             validate_namespace(&format!("namespaces.{name}"), ns)?;
         }
         self.limits.check().map_err(|(field, message)| invalid(field, message))?;
+        self.api.validate()?;
         self.verifier()?;
         Ok(())
+    }
+
+    /// The NATS server of the backend API and client RPC: `api.nats_url`, else the
+    /// broker's when the broker is NATS; `None` when off.
+    pub fn api_nats_url(&self) -> Option<String> {
+        match self.api.nats_url.as_deref().map(str::trim) {
+            Some("off") => None,
+            Some(url) => Some(url.to_string()),
+            None => match self.broker_url() {
+                Ok(BackendUrl::Nats(url)) => Some(url),
+                _ => None,
+            },
+        }
     }
 
     /// Whether connections without a token are accepted: `allow_anonymous`, or by default
@@ -451,12 +583,18 @@ impl BackendUrl {
         let s = s.trim();
         if s == "memory" {
             Ok(BackendUrl::Memory)
-        } else if s.starts_with("redis://") || s.starts_with("rediss://") {
+        } else if ["redis://", "rediss://", "redis-cluster://", "valkey://", "valkey-cluster://"]
+            .iter()
+            .any(|p| s.starts_with(p))
+        {
             Ok(BackendUrl::Redis(s.to_string()))
         } else if s.starts_with("nats://") || s.starts_with("tls://") {
             Ok(BackendUrl::Nats(s.to_string()))
         } else {
-            Err(invalid(field, format!("expected \"memory\", redis://… or nats://…, got {s:?}")))
+            Err(invalid(
+                field,
+                format!("expected \"memory\", redis://… (redis-cluster://…) or nats://…, got {s:?}"),
+            ))
         }
     }
 }
@@ -566,6 +704,36 @@ mod tests {
     }
 
     #[test]
+    fn api_section() {
+        let c = Config::load(None, &BTreeMap::new()).unwrap();
+        assert_eq!(c.api, ApiConfig::default());
+        assert_eq!(c.api_nats_url(), None, "no NATS API with a memory broker");
+        let env: BTreeMap<&str, &str> = [("ROOMCAST_BROKER", "nats://n:4222")].into();
+        assert_eq!(Config::load(None, &env).unwrap().api_nats_url().as_deref(), Some("nats://n:4222"));
+        let env: BTreeMap<&str, &str> = [
+            ("ROOMCAST_BROKER", "nats://n:4222"),
+            ("ROOMCAST_API_NATS_URL", "off"),
+            ("ROOMCAST_API_KEY", "0123456789abcdef"),
+            ("ROOMCAST_API_PREFIX", "acme.rc"),
+        ]
+        .into();
+        let c = Config::load(None, &env).unwrap();
+        assert_eq!(c.api_nats_url(), None);
+        assert_eq!((c.api.key.as_deref(), c.api.prefix.as_str()), (Some("0123456789abcdef"), "acme.rc"));
+        let c = Config::from_toml("[api]\nnats_url = \"nats://a:1\"\nrpc_timeout_ms = 100", "t").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.api_nats_url().as_deref(), Some("nats://a:1"));
+        let err = |t: &str| Config::from_toml(t, "t").and_then(|c| c.validate()).unwrap_err().to_string();
+        assert!(err("[api]\nkey = \"short\"").contains("api.key"));
+        assert!(err("[api]\nprefix = \"a..b\"").contains("api.prefix"));
+        assert!(err("[api]\nprefix = \"a.*\"").contains("api.prefix"));
+        assert!(err("[api]\nnats_url = \"http://x\"").contains("api.nats_url"));
+        assert!(err("[api]\nrpc_timeout_ms = 0").contains("api.rpc_timeout_ms"));
+        assert!(err("[api]\nidempotency_window_ms = 0").contains("api.idempotency_window_ms"));
+        assert!(err("[api]\nnope = 1").contains("unknown"));
+    }
+
+    #[test]
     fn bad_values_are_named() {
         let err = |t: &str| {
             let r = Config::from_toml(t, "t").and_then(|c| c.validate());
@@ -579,6 +747,13 @@ mod tests {
         assert!(err("[namespaces.x]\npublish = \"everyone\"").contains("publish"));
         assert!(err("max_data_size = 999999999").contains("max_data_size"));
         assert!(err("ping_ms = 0").contains("ping_ms"));
+        assert!(err("[namespaces.__conn]").contains("reserved"));
+        assert!(err("heartbeat_ms = 1000\nnode_timeout_ms = 2000").contains("node_timeout_ms"));
+        for ok in ["redis-cluster://a:1,b:2", "redis://a:1,b:2?cluster=true", "valkey://a:1", "nats://n:4222"]
+        {
+            let c = Config::from_toml(&format!("broker = \"{ok}\""), "t").unwrap();
+            c.validate().unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
         let env: BTreeMap<&str, &str> = [("ROOMCAST_PING_MS", "soon")].into();
         assert!(Config::default().apply_env(&env).unwrap_err().to_string().contains("ROOMCAST_PING_MS"));
     }

@@ -146,6 +146,8 @@ async fn run<R, W>(
     let mut close_deadline: Option<Instant> = None;
     // When the connection token expires (close 4004 unless refreshed).
     let mut expiry_deadline: Option<Instant> = None;
+    // Server-side actions (backend API) for this session.
+    let mut actions = session.take_actions();
     let timer = sleep_until(now + Duration::from_secs(86_400));
     tokio::pin!(timer);
     tracing::debug!("connection open");
@@ -165,10 +167,22 @@ async fn run<R, W>(
                     wbuf.clear();
                     wpos = 0;
                 }
-                if let Ok(bytes) = roomcast_protocol::Encode::encode(&ServerMessage::disconnect(code), enc) {
+                let (msg, number, reason) = match session.outbound().custom_close() {
+                    Some(d) => (
+                        ServerMessage::Push(Push::Disconnect {
+                            code: d.code,
+                            reason: d.reason.clone(),
+                            reconnect: d.reconnect,
+                        }),
+                        d.code,
+                        std::borrow::Cow::Owned(d.reason),
+                    ),
+                    None => (ServerMessage::disconnect(code), code.number(), code.reason().into()),
+                };
+                if let Ok(bytes) = roomcast_protocol::Encode::encode(&msg, enc) {
                     write_messages(&mut wbuf, enc, None, &[Encoded::new(bytes)]);
                 }
-                frame::write_close(&mut wbuf, code.number(), code.reason());
+                frame::write_close(&mut wbuf, number, &reason);
                 close_sent = true;
                 reading = false;
                 close_deadline.get_or_insert(Instant::now() + CLOSE_FLUSH);
@@ -270,6 +284,10 @@ async fn run<R, W>(
                 },
             },
             _ = session.outbound().notified() => {}
+            a = async { actions.as_mut()?.recv().await }, if actions.is_some() && reading => match a {
+                Some(action) => session.handle_action(action).await,
+                None => actions = None,
+            },
             _ = &mut timer, if next.is_some() => {
                 let now = Instant::now();
                 if close_deadline.is_some_and(|d| d <= now) {

@@ -1,11 +1,21 @@
 //! The hub: this node's sessions by room, sharded, and the fan-out of broker events to
-//! them.
+//! them; also this node's connected sessions by user (the backend API's `send`,
+//! `disconnect`, `unsubscribe` find a user's connections there), and each session's
+//! bounded queue of server-side actions ([`SessionAction`]).
 //!
 //! Subscribing without a gap: a new subscriber is added *pending* before its node-level
 //! broker subscription is confirmed and before history is read; events for it are
 //! buffered meanwhile. [`Hub::activate`] then queues the `subscribed` reply followed by
 //! the buffered events newer than the position the reply reports, under the room's lock,
 //! so no live event can slip between them.
+//!
+//! Losing nothing: each room remembers the position of the last publication fanned out
+//! here. A publication at or below it is a duplicate and is dropped; one that skips
+//! offsets (or changes epoch) means this node missed publications (a broker connection
+//! dropped them): the room's live subscribers are closed with 4000 so that they reconnect
+//! and recover from history, rather than silently see a hole. After a broker
+//! interruption, [`Hub::missed`] compares the broker's position of each room with the
+//! last one fanned out, to catch a lost tail that no later publication would reveal.
 
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
@@ -29,6 +39,47 @@ pub struct SessionHandle {
     pub user: Arc<str>,
     pub encoding: Encoding,
     pub outbound: Outbound,
+    /// Server-side actions the session must carry out itself (they change its state),
+    /// drained by its connection task; bounded by [`ACTION_QUEUE`].
+    pub actions: mpsc::Sender<SessionAction>,
+}
+
+/// Bound of a session's action queue; a session that lets it fill is closed with 4003.
+pub const ACTION_QUEUE: usize = 256;
+
+/// A server-side action on one session (from the backend API, through a control message).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionAction {
+    /// End the subscription to `room` as if the client had unsubscribed, then push
+    /// `unsubscribe {room, code, reason}`.
+    Unsubscribe { room: Room, code: u16, reason: String },
+}
+
+impl SessionHandle {
+    /// A handle and the receiving end of its action queue.
+    pub fn new(
+        client: Arc<str>,
+        user: Arc<str>,
+        encoding: Encoding,
+        outbound: Outbound,
+    ) -> (SessionHandle, mpsc::Receiver<SessionAction>) {
+        let (actions, rx) = mpsc::channel(ACTION_QUEUE);
+        (SessionHandle { client, user, encoding, outbound, actions }, rx)
+    }
+
+    /// Queues an action; a session whose queue is full cannot keep up and is closed
+    /// with 4003 (as for a full outbound queue).
+    pub fn act(&self, action: SessionAction) {
+        match self.actions.try_send(action) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::debug!(client = %self.client, "action queue full; closing with 4003");
+                self.outbound.close(roomcast_protocol::CloseCode::SlowConsumer);
+            }
+            // The connection is gone.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
 }
 
 /// State of this node's broker subscription for one room.
@@ -56,6 +107,68 @@ pub struct RoomSubscribers {
     subs: Mutex<Vec<Subscriber>>,
     /// The broker subscription's state, published by the control task.
     pub broker: watch::Sender<BrokerState>,
+    /// The position of the last publication fanned out to this room here (or, before the
+    /// first, the position the first subscriber was told). Only taken briefly, never
+    /// across an await.
+    last: Mutex<Option<StreamPos>>,
+}
+
+/// Where a publication stands relative to the last one fanned out in its room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    /// The next one (or the first, or a room without history).
+    Next,
+    /// Already fanned out.
+    Duplicate,
+    /// Publications between the last one (given) and this one never arrived here.
+    Gap(Option<StreamPos>),
+}
+
+impl RoomSubscribers {
+    /// Records `pos` as the room's last position; says how it follows the previous one.
+    fn advance(&self, pos: &Option<StreamPos>) -> Step {
+        let Some((epoch, offset)) = pos else {
+            return Step::Next;
+        };
+        let mut last = self.last.lock();
+        let step = match &*last {
+            None => Step::Next,
+            Some((e, o)) if e == epoch => {
+                if offset <= o {
+                    return Step::Duplicate;
+                }
+                if *offset == o + 1 { Step::Next } else { Step::Gap(last.clone()) }
+            }
+            // A new epoch (the history expired or was lost) starts at 1; starting later,
+            // its first publications were missed here.
+            Some(_) => {
+                if *offset == 1 {
+                    Step::Next
+                } else {
+                    Step::Gap(last.clone())
+                }
+            }
+        };
+        *last = Some((epoch.clone(), *offset));
+        step
+    }
+
+    /// The last position fanned out here.
+    pub fn last_position(&self) -> Option<(Arc<str>, u64)> {
+        self.last.lock().clone()
+    }
+
+    /// Closes every live subscriber (pending ones are set up from history anyway) with
+    /// 4000: they reconnect and recover what this node missed. Returns how many.
+    pub fn close_live(&self) -> usize {
+        let subs = self.subs.lock();
+        let mut n = 0;
+        for s in subs.iter().filter(|s| s.pending.is_none()) {
+            s.session.outbound.close(roomcast_protocol::CloseCode::Shutdown);
+            n += 1;
+        }
+        n
+    }
 }
 
 #[derive(Debug)]
@@ -102,6 +215,17 @@ pub struct Hub {
     sessions: AtomicUsize,
     /// Connected sessions per user on this node (anonymous ones are not counted).
     users: Mutex<HashMap<Arc<str>, usize>>,
+    /// Connected sessions by user (anonymous ones are not indexed), sharded by user hash:
+    /// how the backend API finds a user's connections on this node.
+    by_user: Box<[RwLock<UserShard>]>,
+}
+
+type UserShard = HashMap<Arc<str>, Vec<Arc<SessionHandle>>>;
+
+fn user_shard_of(user: &str) -> usize {
+    let mut h = DefaultHasher::new();
+    user.hash(&mut h);
+    (h.finish() as usize) % SHARDS
 }
 
 fn shard_of(room: &Room) -> usize {
@@ -149,6 +273,7 @@ impl Hub {
             pending_limit,
             sessions: AtomicUsize::new(0),
             users: Mutex::new(HashMap::new()),
+            by_user: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
         };
         (hub, rx)
     }
@@ -165,6 +290,7 @@ impl Hub {
                         room: room.clone(),
                         subs: Mutex::new(Vec::new()),
                         broker: watch::Sender::new(BrokerState::Pending),
+                        last: Mutex::new(None),
                     })
                 })
                 .clone();
@@ -216,6 +342,13 @@ impl Hub {
         };
         let pending = sub.pending.take().unwrap_or_default();
         sub.seen = after.map(|(e, o)| (Arc::from(e), o));
+        {
+            // Before any publication, the room continues from what this subscriber was told.
+            let mut last = rs.last.lock();
+            if last.is_none() {
+                last.clone_from(&sub.seen);
+            }
+        }
         let out = &sub.session.outbound;
         if out.push(reply) != Pushed::Queued {
             return true;
@@ -262,7 +395,8 @@ impl Hub {
         self.shards[shard_of(room)].read().contains_key(room)
     }
 
-    fn room(&self, room: &Room) -> Option<Arc<RoomSubscribers>> {
+    /// The local subscribers of `room`.
+    pub fn room(&self, room: &Room) -> Option<Arc<RoomSubscribers>> {
         self.shards[shard_of(room)].read().get(room).cloned()
     }
 
@@ -311,6 +445,34 @@ impl Hub {
                 users.remove(user);
             }
         }
+    }
+
+    /// Indexes a connected session under its user (nothing for anonymous sessions).
+    pub fn index_user(&self, session: &Arc<SessionHandle>) {
+        if session.user.is_empty() {
+            return;
+        }
+        let mut shard = self.by_user[user_shard_of(&session.user)].write();
+        shard.entry(session.user.clone()).or_default().push(session.clone());
+    }
+
+    /// Removes a session from the user index.
+    pub fn unindex_user(&self, user: &str, client: &str) {
+        if user.is_empty() {
+            return;
+        }
+        let mut shard = self.by_user[user_shard_of(user)].write();
+        if let Some(list) = shard.get_mut(user) {
+            list.retain(|s| &*s.client != client);
+            if list.is_empty() {
+                shard.remove(user);
+            }
+        }
+    }
+
+    /// This node's connected sessions of `user`.
+    pub fn sessions_of(&self, user: &str) -> Vec<Arc<SessionHandle>> {
+        self.by_user[user_shard_of(user)].read().get(user).cloned().unwrap_or_default()
     }
 
     /// Connections of `user` on this node.
@@ -363,9 +525,9 @@ impl Hub {
 
     /// Fans a publication out. Returns how many live subscribers it was queued to.
     pub fn deliver_publication(&self, p: &BrokerPublication) -> usize {
-        if !self.has_room(&p.room) {
+        let Some(rs) = self.room(&p.room) else {
             return 0;
-        }
+        };
         let msg = ServerMessage::Push(Push::Publication(Publication {
             room: p.room.to_string(),
             offset: p.offset,
@@ -376,6 +538,23 @@ impl Hub {
             (Some(e), Some(o)) => Some((Arc::from(e.as_str()), o)),
             _ => None,
         };
+        match rs.advance(&pos) {
+            Step::Next => {}
+            Step::Duplicate => return 0,
+            Step::Gap(last) => {
+                let closed = rs.close_live();
+                let (last_epoch, last_offset) = last.unwrap_or_else(|| (Arc::from(""), 0));
+                tracing::warn!(
+                    room = %p.room,
+                    closed,
+                    %last_epoch,
+                    last_offset,
+                    epoch = p.epoch.as_deref().unwrap_or(""),
+                    offset = p.offset.unwrap_or(0),
+                    "publications of this room were missed here; its subscribers reconnect and recover"
+                );
+            }
+        }
         self.fan_out(&p.room, &msg, pos, p.skip_client.as_deref())
     }
 
@@ -411,12 +590,36 @@ mod tests {
     use roomcast_protocol::{Data, decode_server_messages};
 
     fn handle(client: &str, enc: Encoding) -> Arc<SessionHandle> {
-        Arc::new(SessionHandle {
-            client: client.into(),
-            user: "".into(),
-            encoding: enc,
-            outbound: Outbound::new(1 << 20),
-        })
+        Arc::new(SessionHandle::new(client.into(), "".into(), enc, Outbound::new(1 << 20)).0)
+    }
+
+    #[test]
+    fn user_index_and_action_queue() {
+        let (hub, _rx) = Hub::new(1 << 20);
+        let mk = |c: &str, u: &str| {
+            let (h, rx) = SessionHandle::new(c.into(), u.into(), Encoding::Json, Outbound::new(1 << 20));
+            (Arc::new(h), rx)
+        };
+        let (a, mut arx) = mk("a", "alice");
+        let (b, _brx) = mk("b", "alice");
+        let (anon, _) = mk("c", "");
+        for h in [&a, &b, &anon] {
+            hub.index_user(h);
+        }
+        assert_eq!(hub.sessions_of("alice").len(), 2);
+        assert!(hub.sessions_of("").is_empty(), "anonymous sessions are not addressable");
+        hub.unindex_user("alice", "a");
+        assert_eq!(hub.sessions_of("alice").iter().map(|s| s.client.to_string()).collect::<Vec<_>>(), ["b"]);
+        hub.unindex_user("alice", "b");
+        assert!(hub.sessions_of("alice").is_empty());
+        let room = Room::parse("r").unwrap();
+        for _ in 0..ACTION_QUEUE {
+            a.act(SessionAction::Unsubscribe { room: room.clone(), code: 4009, reason: "x".into() });
+        }
+        assert_eq!(a.outbound.close_requested(), None);
+        a.act(SessionAction::Unsubscribe { room: room.clone(), code: 4009, reason: "x".into() });
+        assert_eq!(a.outbound.close_requested(), Some(roomcast_protocol::CloseCode::SlowConsumer));
+        assert!(matches!(arx.try_recv(), Ok(SessionAction::Unsubscribe { .. })));
     }
 
     fn publication(room: &Room, offset: u64) -> BrokerPublication {
@@ -474,6 +677,32 @@ mod tests {
         p.epoch = Some("f".into());
         hub.deliver_publication(&p);
         assert_eq!(offsets(&a), vec![None, Some(6), Some(7), Some(1)]);
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_dropped_and_a_gap_closes_live_subscribers() {
+        let (hub, _rx) = Hub::new(1 << 20);
+        let room = Room::parse("r").unwrap();
+        let (a, b) = (handle("a", Encoding::Json), handle("b", Encoding::Json));
+        let rs = hub.add(&room, &a).await;
+        let reply = Encoded::new(bytes::Bytes::from_static(b"{\"type\":\"ping\"}"));
+        hub.activate(&rs, "a", reply, Some(("e", 2)));
+        assert_eq!(rs.last_position(), Some((Arc::from("e"), 2)), "starts from what the first was told");
+        for o in [3, 4, 3, 4] {
+            hub.deliver_publication(&publication(&room, o));
+        }
+        // `b` is still being set up (pending) when the gap comes: it reads history anyway.
+        hub.add(&room, &b).await;
+        assert_eq!(hub.deliver_publication(&publication(&room, 7)), 0, "5 and 6 never came");
+        assert_eq!(offsets(&a), vec![None, Some(3), Some(4)]);
+        assert_eq!(a.outbound.close_requested(), Some(roomcast_protocol::CloseCode::Shutdown));
+        assert_eq!(b.outbound.close_requested(), None);
+        assert_eq!(rs.last_position(), Some((Arc::from("e"), 7)));
+        // A new epoch starting at 1 is no gap.
+        let mut p = publication(&room, 1);
+        p.epoch = Some("f".into());
+        hub.deliver_publication(&p);
+        assert_eq!(rs.last_position(), Some((Arc::from("f"), 1)));
     }
 
     #[tokio::test]

@@ -8,10 +8,12 @@
 //! - [`outbound`]: a connection's bounded outbound queue and shared encoded messages.
 //! - [`hub`]: this node's subscriptions by room, and fan-out.
 //! - [`node`]: owns the hub, broker, presence and configuration.
+//! - [`api`]: the backend API (NATS and HTTP), control messages between nodes, client RPC.
 //! - [`config`]: typed configuration from TOML and environment.
 //! - [`limits`]: abuse limits (connection and command rates, connection counts) and
 //!   their counters; [`client_ip`]: the client's address behind trusted proxies.
 
+pub mod api;
 pub mod client_ip;
 pub mod config;
 pub mod connection;

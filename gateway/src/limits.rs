@@ -288,7 +288,8 @@ impl CommandLimiter {
     }
 }
 
-/// One counter per limit, readable at any time (`/metrics` may export them later).
+/// One counter per limit, readable at any time; `/metrics` exports them as
+/// `roomcast_limit_trips_total{limit="<name>"}`.
 #[derive(Debug, Default)]
 pub struct LimitCounters {
     /// Upgrades refused with HTTP 429 (connection rate per address).

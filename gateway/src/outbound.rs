@@ -34,6 +34,16 @@ impl Encoded {
     }
 }
 
+/// A `disconnect` chosen by the server API rather than by the close table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disconnect {
+    /// 4000..=4999.
+    pub code: u16,
+    /// At most 123 bytes (it is also the close frame's reason).
+    pub reason: String,
+    pub reconnect: bool,
+}
+
 /// What became of a pushed message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
@@ -64,6 +74,9 @@ struct State {
     bytes: usize,
     /// The first close requested; later requests do not replace it.
     close: Option<CloseCode>,
+    /// The `disconnect` sent for a close requested by the server API (any code
+    /// 4000..=4999, its own reason and advice); `close` is then `DisconnectedByServer`.
+    custom: Option<Disconnect>,
     /// No more messages are taken (the writer is closing or gone).
     closed: bool,
 }
@@ -108,6 +121,23 @@ impl Outbound {
             drop(s);
             self.notify.notify_one();
         }
+    }
+
+    /// Like [`Outbound::close`] with the server API's code, reason and advice.
+    pub fn close_with(&self, d: Disconnect) {
+        let mut s = self.state.lock();
+        if s.close.is_none() && !s.closed {
+            s.close = Some(CloseCode::DisconnectedByServer);
+            s.custom = Some(d);
+            drop(s);
+            self.notify.notify_one();
+        }
+    }
+
+    /// The server API's `disconnect`, when the close was requested with
+    /// [`Outbound::close_with`].
+    pub fn custom_close(&self) -> Option<Disconnect> {
+        self.state.lock().custom.clone()
     }
 
     /// The close requested, if any.

@@ -1,5 +1,6 @@
-//! The HTTP front: `/ws` (the WebSocket upgrade), `/healthz`, `/readyz`; serving until
-//! the node shuts down.
+//! The HTTP front: `/ws` (the WebSocket upgrade), `/healthz`, `/readyz`, `/metrics`
+//! (Prometheus text format), `POST /api/<method>` (the backend API,
+//! [`crate::api::http`]); serving until the node shuts down.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use bytes::Bytes;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
@@ -25,7 +26,41 @@ pub fn router(node: Arc<Node>) -> Router {
         .route(&node.config.ws_path, get(ws_upgrade))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/{method}", post(crate::api::http::handle))
         .with_state(node)
+}
+
+/// Prometheus text exposition (format 0.0.4) of the node's gauges and limit counters.
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    let text = render_metrics(&node);
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
+        .into_response()
+}
+
+fn render_metrics(node: &Node) -> String {
+    use std::fmt::Write as _;
+    let info = node.info();
+    let mut out = String::with_capacity(2048);
+    let gauge = |out: &mut String, name: &str, help: &str, value: u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+    };
+    gauge(&mut out, "roomcast_connections", "WebSocket connections open on this node.", info.connections);
+    gauge(&mut out, "roomcast_rooms", "Rooms with at least one subscriber on this node.", info.rooms);
+    gauge(
+        &mut out,
+        "roomcast_ready",
+        "1 when the node is ready (its broker and presence are up).",
+        u64::from(node.is_ready()),
+    );
+    out.push_str(
+        "# HELP roomcast_limit_trips_total Times each limit refused a connection, command or token.\n",
+    );
+    out.push_str("# TYPE roomcast_limit_trips_total counter\n");
+    for (name, value) in node.limits.counters.snapshot() {
+        let _ = writeln!(out, "roomcast_limit_trips_total{{limit=\"{name}\"}} {value}");
+    }
+    out
 }
 
 async fn readyz(State(node): State<Arc<Node>>) -> Response {

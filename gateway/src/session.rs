@@ -14,10 +14,11 @@ use roomcast_protocol::{
 use roomcast_auth::{RoomGrants, TokenError};
 use tokio::time::Instant;
 
+use crate::api::rpc::{Refused, RpcCalls};
 use crate::config::{NamespaceConfig, PublishRule, SubscribeRule};
-use crate::hub::{Hub, SessionHandle};
+use crate::hub::{Hub, SessionAction, SessionHandle};
 use crate::limits::{CommandLimiter, CommandVerdict, LimitCounters};
-use crate::node::{Node, random_id};
+use crate::node::{Node, PublishFailure, random_id};
 use crate::outbound::{Encoded, Outbound};
 
 /// What the connection does after a message.
@@ -66,8 +67,17 @@ pub struct Session {
     expires_at: Option<Instant>,
     /// Whether this session is counted in the hub's per-user connections.
     user_counted: bool,
+    /// The presence room counting this user's connections cluster-wide, when this session
+    /// is in it (shared presence and a per-user limit).
+    user_room: Option<Room>,
     /// The command rate (`None` when off).
     commands: Option<CommandLimiter>,
+    /// The receiving end of the handle's action queue, until the connection takes it.
+    actions: Option<tokio::sync::mpsc::Receiver<SessionAction>>,
+    /// Whether the hub's user index holds this session (connected with a user).
+    indexed: bool,
+    /// `rpc` calls in flight.
+    rpc: RpcCalls,
 }
 
 impl std::fmt::Debug for Session {
@@ -82,12 +92,13 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// A session for a new connection.
     pub fn new(node: Arc<Node>, encoding: roomcast_protocol::Encoding) -> Self {
-        let handle = Arc::new(SessionHandle {
-            client: random_id().into(),
-            user: "".into(),
+        let (handle, actions) = SessionHandle::new(
+            random_id().into(),
+            "".into(),
             encoding,
-            outbound: Outbound::new(node.config.max_queue_bytes),
-        });
+            Outbound::new(node.config.max_queue_bytes),
+        );
+        let handle = Arc::new(handle);
         node.hub.session_opened();
         let commands = CommandLimiter::new(&node.limits.config, Instant::now());
         Session {
@@ -100,7 +111,34 @@ impl Session {
             rooms: RoomGrants::default(),
             expires_at: None,
             user_counted: false,
+            user_room: None,
             commands,
+            actions: Some(actions),
+            indexed: false,
+            rpc: RpcCalls::default(),
+        }
+    }
+
+    /// The server-side actions queued to this session, to be passed to
+    /// [`Session::handle_action`]; `None` after the first call.
+    pub fn take_actions(&mut self) -> Option<tokio::sync::mpsc::Receiver<SessionAction>> {
+        self.actions.take()
+    }
+
+    /// Carries out a server-side action (from the backend API).
+    pub async fn handle_action(&mut self, action: SessionAction) {
+        match action {
+            SessionAction::Unsubscribe { room, code, reason } => {
+                if !self.subs.contains_key(&room) {
+                    return;
+                }
+                self.leave(&room).await;
+                self.send(&ServerMessage::Push(roomcast_protocol::Push::Unsubscribe {
+                    room: room.to_string(),
+                    code,
+                    reason,
+                }));
+            }
         }
     }
 
@@ -209,8 +247,12 @@ impl Session {
             Command::History { room, since, limit, reverse } => {
                 self.history(room, since, limit, reverse).await
             }
-            Command::Rpc { .. } => {
-                Err(Failure::new(ErrorCode::BackendUnavailable, "no RPC backend is configured on this node"))
+            Command::Rpc { method, data } => {
+                match self.rpc.start(self.node.rpc.as_ref(), &self.handle, id, &method, data) {
+                    // Answered when the backend is.
+                    Ok(()) => Ok(None),
+                    Err(Refused(code, message)) => Err(Failure(code, message)),
+                }
             }
             Command::Refresh { token } => return self.refresh(id, token).await,
             Command::Pong => {
@@ -292,6 +334,11 @@ impl Session {
                 return Flow::Close(CloseCode::ConnectionLimit);
             }
             self.user_counted = true;
+            if let Flow::Close(code) = self.count_user_in_cluster(&user).await {
+                self.node.hub.remove_user(&user);
+                self.user_counted = false;
+                return Flow::Close(code);
+            }
         }
         // Nothing else holds the handle before `connect` (no subscription yet).
         match Arc::get_mut(&mut self.handle) {
@@ -309,6 +356,10 @@ impl Session {
         self.rooms = rooms;
         self.expires_at = expires.map(|exp| self.deadline(exp));
         self.connected = true;
+        if !self.handle.user.is_empty() {
+            self.node.hub.index_user(&self.handle);
+            self.indexed = true;
+        }
         self.send(&ServerMessage::Reply {
             id,
             reply: Reply::Connected {
@@ -319,6 +370,52 @@ impl Session {
             },
         });
         Flow::Continue
+    }
+
+    /// Counts this connection in its user's cluster-wide count (a member of the reserved
+    /// presence room `__conn:<user>`, so that dead nodes' connections are reaped like any
+    /// member); closes with 4010 when the user has too many. Two connections racing for
+    /// the last place may both be refused, never both accepted. Nothing to do with
+    /// single-node presence (the node's own count is the cluster's) or without a limit.
+    async fn count_user_in_cluster(&mut self, user: &str) -> Flow {
+        let max = self.node.limits.config.max_connections_per_user;
+        if max == 0 || !self.node.shared_presence() {
+            return Flow::Continue;
+        }
+        let Some(room) = user_room(user) else {
+            return Flow::Continue;
+        };
+        let member = Member {
+            client: self.handle.client.to_string(),
+            user: user.to_string(),
+            info: None,
+            room_info: None,
+        };
+        let counted = async {
+            self.node.presence.add(&room, &member).await?;
+            self.node.presence.stats(&room).await
+        };
+        match counted.await {
+            Ok(stats) if stats.clients as usize > max => {
+                let _ = self.node.presence.remove(&room, &self.handle.client).await;
+                LimitCounters::inc(&self.node.limits.counters.connections_over_user_limit);
+                tracing::debug!(
+                    user,
+                    connections = stats.clients,
+                    "connection limit per user reached (cluster)"
+                );
+                Flow::Close(CloseCode::ConnectionLimit)
+            }
+            Ok(_) => {
+                self.user_room = Some(room);
+                Flow::Continue
+            }
+            Err(e) => {
+                // Presence is down: the per-node limit still holds; do not refuse users.
+                tracing::warn!(error = %e, "cannot count the user's connections in the cluster");
+                Flow::Continue
+            }
+        }
     }
 
     /// `refresh`: a new connection token for the same user moves the expiry.
@@ -581,14 +678,7 @@ impl Session {
     }
 
     async fn publish(&mut self, room: Room, data: Data, skip_self: bool) -> CmdResult {
-        let ns = self.namespace(&room)?;
-        if data.wire_len() > self.node.config.max_data_size {
-            LimitCounters::inc(&self.node.limits.counters.data_too_large);
-            return Err(Failure::new(
-                ErrorCode::LimitExceeded,
-                format!("data is larger than {} bytes", self.node.config.max_data_size),
-            ));
-        }
+        let ns = self.node.publication_namespace(&room, &data).map_err(publish_failure)?;
         match ns.publish {
             PublishRule::Subscribers if !self.subs.contains_key(&room) => {
                 return Err(Failure::new(ErrorCode::PermissionDenied, "subscribe to the room to publish"));
@@ -612,7 +702,7 @@ impl Session {
         if skip_self {
             p.skip_client = Some(self.handle.client.to_string());
         }
-        let position = self.node.broker.publish(p, Node::history_options(&ns)).await.map_err(internal)?;
+        let position = self.node.publish(p, &ns, None).await.map_err(publish_failure)?;
         Ok(Some(Reply::Published { room: room.to_string(), position }))
     }
 
@@ -678,15 +768,48 @@ impl Session {
         for room in rooms {
             self.leave(&room).await;
         }
+        if let Some(room) = self.user_room.take()
+            && let Err(e) = self.node.presence.remove(&room, &self.handle.client).await
+        {
+            tracing::warn!(error = %e, "cannot uncount the user's connection in the cluster");
+        }
     }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
+        if self.indexed {
+            self.node.hub.unindex_user(&self.handle.user, &self.handle.client);
+        }
         if self.user_counted {
             self.node.hub.remove_user(&self.handle.user);
         }
         self.node.hub.session_closed();
+    }
+}
+
+/// The reserved presence room counting `user`'s connections (namespace `__conn`, which
+/// configuration cannot define, so no client can read it). A user id that is not a valid
+/// room name is hashed (FNV-1a, 128 bits over two seeds: the same on every node and
+/// version).
+fn user_room(user: &str) -> Option<Room> {
+    let plain =
+        user.len() <= 180 && user.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-:@=,/".contains(&b));
+    let name = if plain {
+        format!("__conn:{user}")
+    } else {
+        let fnv = |seed: u64| {
+            user.bytes().fold(seed, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3))
+        };
+        format!("__conn:={:016x}{:016x}", fnv(0xcbf2_9ce4_8422_2325), fnv(0x6c62_272e_07bb_0142))
+    };
+    Room::parse(&name).ok()
+}
+
+fn publish_failure(f: PublishFailure) -> Failure {
+    match f {
+        PublishFailure::Refused(code, message) => Failure(code, message),
+        PublishFailure::Broker(e) => internal(e),
     }
 }
 

@@ -3,7 +3,7 @@
 //! no broker (memory brokers) nothing crosses, and the scenario says so.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -49,6 +49,45 @@ pub struct ClusterArgs {
 
 fn room_name(r: usize) -> String {
     format!("cluster{r}")
+}
+
+/// The id of the request each publisher sends after its publications.
+const BARRIER_ID: u32 = 4_000_000_000;
+const BARRIER_ID_FIELD: &str = "\"id\":4000000000";
+/// How long a publisher waits for the node to take its queued publications.
+const FLUSH_LIMIT: Duration = Duration::from_secs(60);
+
+/// Sends a request after the publications and waits for its reply: a node handles a
+/// connection's messages in order, so the reply means every publication before it was
+/// published. Without this, publications still queued on the connection when it closes are
+/// never published (the node drops them with the connection) and would count as lost
+/// deliveries. `false` when no reply came within [`FLUSH_LIMIT`].
+async fn flush(
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    pong: &PongOwed,
+    done: &AtomicBool,
+    own: &[usize],
+) -> bool {
+    use tokio::io::AsyncWriteExt;
+    let Some(room) = own.first() else {
+        return true;
+    };
+    // Any reply will do (an error too): `limit: 0` reads only the position.
+    let req =
+        format!("{{\"type\":\"history\",\"id\":{BARRIER_ID},\"room\":\"{}\",\"limit\":0}}", room_name(*room));
+    let mut out = Vec::new();
+    crate::rawws::client_frame(&mut out, 0x1, req.as_bytes());
+    if wr.write_all(&out).await.is_err() {
+        return false;
+    }
+    let deadline = Instant::now() + FLUSH_LIMIT;
+    while !done.load(Ordering::Relaxed) {
+        if Instant::now() >= deadline || pong.pay(Proto::Roomcast, wr).await.is_err() {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    true
 }
 
 pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
@@ -113,7 +152,13 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
     for (conn, own) in pubs {
         let (rd, mut wr) = conn.into_split();
         let pong = Arc::new(PongOwed::default());
-        let drain = fanout::spawn_publisher_reader(rd, pong.clone(), |_| {});
+        let flushed = Arc::new(AtomicBool::new(false));
+        let seen = flushed.clone();
+        let drain = fanout::spawn_publisher_reader(rd, pong.clone(), move |m| {
+            if memchr::memmem::find(m, BARRIER_ID_FIELD.as_bytes()).is_some() {
+                seen.store(true, Ordering::Relaxed);
+            }
+        });
         let (proto, pad) = (c.proto, pad.clone());
         pub_tasks.push(tokio::spawn(async move {
             let own2 = own.clone();
@@ -128,20 +173,27 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
                 |_, t| format!("{{\"t\":{t},\"p\":\"{pad}\"}}"),
             )
             .await;
+            let flushed = match (&sent, proto) {
+                (Ok(_), Proto::Roomcast) => flush(&mut wr, &pong, &flushed, &own).await,
+                _ => false,
+            };
             drain.abort();
-            sent.map(|s| (s, own))
+            sent.map(|s| (s, own, flushed))
         }));
     }
     let mut sent = 0u64;
+    let mut all_flushed = true;
     let mut pubs_in_room = vec![0u64; rooms];
     for t in pub_tasks {
-        let (s, own) = t.await??;
+        let (s, own, flushed) = t.await??;
         sent += s;
+        all_flushed &= flushed;
         for seq in 1..=s {
             pubs_in_room[own[(seq as usize - 1) % own.len()]] += 1;
         }
     }
     let expected: u64 = pubs_in_room.iter().zip(&subs_in_room).map(|(p, s)| p * s).sum();
+    // Until the node took every publication (the barrier's reply came).
     let publish_time = start.elapsed();
     fanout::wait_deliveries(&total, expected, Duration::from_secs(5)).await;
     let secs = start.elapsed().as_secs_f64();
@@ -164,9 +216,10 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
     }
     let delivered = total.load(Ordering::Relaxed);
     println!(
-        "published           {sent} in {:.2}s ({:.0}/s)",
+        "published           {sent} in {:.2}s ({:.0}/s), taken by the node{}",
         publish_time.as_secs_f64(),
-        per_second(sent, publish_time.as_secs_f64())
+        per_second(sent, publish_time.as_secs_f64()),
+        if all_flushed { "" } else { " (NOT all: see the note below)" }
     );
     let mut nodes_json = Vec::new();
     for (k, (d, e, h)) in per_node.iter().enumerate() {
@@ -193,6 +246,13 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
              broker); start them with the same --broker redis|nats"
         );
     }
+    if !all_flushed {
+        println!(
+            "note                a publisher's node did not answer the request sent after its publications \
+             within {}s: publications still queued on its connection count as lost",
+            FLUSH_LIMIT.as_secs()
+        );
+    }
     if same_node {
         println!(
             "note                the publishers' node also holds subscribers: not only cross-node deliveries"
@@ -201,7 +261,8 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
     common::result(serde_json::json!({
         "scenario": "cluster", "proto": c.proto.name(), "subscriber_nodes": nodes, "subscribers": a.subs,
         "rooms": rooms, "publishers": publishers, "rate": per_rate * publishers as u64, "size": a.size,
-        "published": sent, "expected": expected, "delivered": delivered, "lost": expected.saturating_sub(delivered),
+        "published": sent, "publish_seconds": publish_time.as_secs_f64(), "taken_by_node": all_flushed,
+        "expected": expected, "delivered": delivered, "lost": expected.saturating_sub(delivered),
         "deliveries_per_s": per_second(delivered, secs), "crossed": crossed, "same_node": same_node,
         "node_cpu_cores": node_cores, "latency_ms": common::latency_json(&all), "nodes": nodes_json,
     }));

@@ -11,7 +11,10 @@
 //! - `compression`: chat-like JSON with and without permessage-deflate: bytes on the wire
 //!   per delivery, node CPU.
 //! - `cluster`: publishers on one node, subscribers on others: cross-node latency.
+//! - `api-publish`: backend publications over NATS (requests or fire and forget):
+//!   publications per second the cluster accepted.
 
+mod api_publish;
 mod cluster;
 mod common;
 mod compression;
@@ -43,6 +46,8 @@ enum Scenario {
     Compression(compression::CompressionArgs),
     /// Publishers on one node, subscribers on others: cross-node latency.
     Cluster(cluster::ClusterArgs),
+    /// Backend publications over NATS: publications per second accepted.
+    ApiPublish(api_publish::ApiPublishArgs),
 }
 
 /// Connections a scenario holds at once (plus a margin for the publisher and stdio).
@@ -53,6 +58,7 @@ fn fds_needed(s: &Scenario) -> usize {
         Scenario::Storm(a) => a.conns,
         Scenario::Compression(a) => a.subs,
         Scenario::Cluster(a) => a.subs + a.publishers,
+        Scenario::ApiPublish(_) => 1,
     }
 }
 
@@ -85,6 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Scenario::Storm(a) => storm::run(a).await,
             Scenario::Compression(a) => compression::run(a).await,
             Scenario::Cluster(a) => cluster::run(a).await,
+            Scenario::ApiPublish(a) => api_publish::run(a).await,
         }
     })
 }

@@ -2,10 +2,11 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use roomcast_protocol::{Member, Room};
 
-use crate::{Presence, PresenceStats};
+use crate::{NodeInfo, Presence, PresenceStats, Reaped};
 
 /// A boxed future returning a presence result.
 pub type PresenceFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, PresenceError>> + Send + 'a>>;
@@ -21,6 +22,10 @@ pub trait DynPresence: Send + Sync + 'static {
     fn remove<'a>(&'a self, room: &'a Room, client: &'a str) -> PresenceFuture<'a, ()>;
     fn members<'a>(&'a self, room: &'a Room, limit: usize) -> PresenceFuture<'a, Option<Vec<Member>>>;
     fn stats<'a>(&'a self, room: &'a Room) -> PresenceFuture<'a, PresenceStats>;
+    fn heartbeat<'a>(&'a self, node: &'a NodeInfo) -> PresenceFuture<'a, ()>;
+    fn nodes(&self, timeout: Duration) -> PresenceFuture<'_, Vec<NodeInfo>>;
+    fn reap(&self, timeout: Duration) -> PresenceFuture<'_, Vec<Reaped>>;
+    fn deregister(&self) -> PresenceFuture<'_, ()>;
 }
 
 fn boxed<'a, T, E, F>(f: F) -> PresenceFuture<'a, T>
@@ -43,5 +48,17 @@ impl<P: Presence> DynPresence for P {
     }
     fn stats<'a>(&'a self, room: &'a Room) -> PresenceFuture<'a, PresenceStats> {
         boxed(Presence::stats(self, room))
+    }
+    fn heartbeat<'a>(&'a self, node: &'a NodeInfo) -> PresenceFuture<'a, ()> {
+        boxed(Presence::heartbeat(self, node))
+    }
+    fn nodes(&self, timeout: Duration) -> PresenceFuture<'_, Vec<NodeInfo>> {
+        boxed(Presence::nodes(self, timeout))
+    }
+    fn reap(&self, timeout: Duration) -> PresenceFuture<'_, Vec<Reaped>> {
+        boxed(Presence::reap(self, timeout))
+    }
+    fn deregister(&self) -> PresenceFuture<'_, ()> {
+        boxed(Presence::deregister(self))
     }
 }

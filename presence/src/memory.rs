@@ -3,18 +3,24 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use roomcast_protocol::{Member, Room};
 
-use crate::{Presence, PresenceStats};
+use crate::{NodeInfo, Presence, PresenceStats, Reaped};
 
 /// Single-node presence. Cloning shares the same rooms.
+///
+/// Its only node is the one it lives in: members die with the process, so `reap` never
+/// finds anything, and `nodes` is this node after its first heartbeat.
 #[derive(Clone, Default)]
 pub struct MemoryPresence {
     /// Members by room, then by client id, with each user's connection count in the room.
     /// Rooms with no members are removed.
     rooms: Arc<Mutex<HashMap<Room, RoomMembers>>>,
+    /// This node's last heartbeat.
+    node: Arc<Mutex<Option<(NodeInfo, Instant)>>>,
 }
 
 #[derive(Default)]
@@ -78,6 +84,30 @@ impl Presence for MemoryPresence {
             clients: r.by_client.len() as u64,
             users: r.users.len() as u64,
         }))
+    }
+
+    async fn heartbeat(&self, node: &NodeInfo) -> Result<(), Infallible> {
+        *self.node.lock() = Some((node.clone(), Instant::now()));
+        Ok(())
+    }
+
+    async fn nodes(&self, timeout: Duration) -> Result<Vec<NodeInfo>, Infallible> {
+        Ok(self
+            .node
+            .lock()
+            .iter()
+            .filter(|(_, at)| at.elapsed() <= timeout)
+            .map(|(n, _)| n.clone())
+            .collect())
+    }
+
+    async fn reap(&self, _timeout: Duration) -> Result<Vec<Reaped>, Infallible> {
+        Ok(Vec::new())
+    }
+
+    async fn deregister(&self) -> Result<(), Infallible> {
+        *self.node.lock() = None;
+        Ok(())
     }
 }
 

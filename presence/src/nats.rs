@@ -5,10 +5,22 @@
 //!
 //! One bucket (default `ROOMCAST_PRESENCE`, i.e. stream `KV_ROOMCAST_PRESENCE` on subjects
 //! `$KV.ROOMCAST_PRESENCE.>`, created with the usual key-value settings so the `nats kv`
-//! tools can inspect it). One key per member: `<room>.<client>`, each part escaped into
-//! one key token (bytes other than `A-Z a-z 0-9 - / =` become `_XX` hex, so `.` `:` `@`
-//! `,` `_` are safe and the mapping is one-to-one). The value is the member as JSON
-//! (`client`, `user`, `info`, `room_info`).
+//! tools can inspect it). One key per member: `<room>.<incarnation>.<client>`, each part
+//! escaped into one key token (bytes other than `A-Z a-z 0-9 - / =` become `_XX` hex, so
+//! `.` `:` `@` `,` `_` are safe and the mapping is one-to-one); the incarnation is the
+//! node run that added it. The value is the member as JSON (`client`, `user`, `info`,
+//! `room_info`).
+//!
+//! # Node registry and reaping
+//!
+//! Each node run writes `_nodes.<incarnation>` (`<connections> <rooms> <node id>`) at
+//! every heartbeat (`_n` is never the start of an escaped token, so it cannot clash with a
+//! room). Liveness compares the entries' server timestamps with this node's own latest
+//! entry, so clocks of the nodes never matter. `reap(timeout)` lists the members of each
+//! incarnation silent for longer (filter `$KV.<bucket>.*.<incarnation>.*`) and deletes
+//! each with a compare-and-set on the revision it read: of several reapers exactly one
+//! succeeds per member, and only it returns that member. The registry entry is then
+//! deleted the same way (so a node that came back meanwhile stays).
 //!
 //! # Expiry
 //!
@@ -50,7 +62,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::Notify;
 
-use crate::{Presence, PresenceStats};
+use crate::{NodeInfo, Presence, PresenceStats, Reaped};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -75,6 +87,40 @@ pub fn key_token(s: &str) -> String {
         out.push('_');
     }
     out
+}
+
+/// The string a [`key_token`] was made of; `None` when it is not one.
+pub fn key_untoken(t: &str) -> Option<String> {
+    if t == "_" {
+        return Some(String::new());
+    }
+    let b = t.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'_' {
+            let hex = t.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The registry entry's key prefix (see the module doc).
+const NODES: &str = "_nodes";
+
+/// One stored key-value entry read by a scan.
+struct Entry {
+    /// The key (subject without `$KV.<bucket>.`).
+    key: String,
+    revision: u64,
+    /// Server time it was stored.
+    time: async_nats::datetime::DateTime,
+    payload: Bytes,
 }
 
 /// Where the bucket is kept.
@@ -102,6 +148,8 @@ pub struct NatsPresenceConfig {
     pub request_timeout: Duration,
     /// Longest pause between reconnect attempts. Default 2 s.
     pub max_reconnect_delay: Duration,
+    /// This node run's incarnation (see [`crate::incarnation_of`]). Default: a random one.
+    pub node: String,
 }
 
 impl NatsPresenceConfig {
@@ -114,6 +162,7 @@ impl NatsPresenceConfig {
             replicas: 1,
             request_timeout: Duration::from_secs(5),
             max_reconnect_delay: Duration::from_secs(2),
+            node: crate::incarnation_of(&crate::random_node_id()),
         }
     }
 }
@@ -313,8 +362,8 @@ impl Inner {
         format!("$KV.{}.{}", self.config.bucket, key)
     }
 
-    fn key(room: &Room, client: &str) -> String {
-        format!("{}.{}", key_token(room), key_token(client))
+    fn key(&self, room: &Room, client: &str) -> String {
+        format!("{}.{}.{}", key_token(room), key_token(&self.config.node), key_token(client))
     }
 
     async fn bucket(&self) -> Result<stream::Stream<()>, NatsPresenceError> {
@@ -344,6 +393,16 @@ impl Inner {
             Err(e) => match e.kind() {
                 CreateStreamErrorKind::JetStream(err) if err.error_code() == ErrorCode::STREAM_NAME_EXIST => {
                     tracing::warn!(stream = %self.stream_name, "presence bucket exists with another configuration (TTL?); using it as it is");
+                }
+                // Another node created the bucket at the same moment: the server (2.9) checks
+                // the name before that create registered it and the subjects after. The
+                // bucket is read below; when it does not exist, report this error.
+                CreateStreamErrorKind::JetStream(err)
+                    if err.error_code() == ErrorCode::STREAM_SUBJECT_OVERLAP =>
+                {
+                    if self.js.get_stream(&self.stream_name).await.is_err() {
+                        return Err(nats("create bucket", e));
+                    }
                 }
                 _ => return Err(nats("create bucket", e)),
             },
@@ -475,8 +534,22 @@ impl Inner {
 
     /// The room's live members.
     async fn list(&self, room: &Room, stop_after: usize) -> Result<Vec<Member>, NatsPresenceError> {
+        let filter = format!("$KV.{}.{}.*.*", self.config.bucket, key_token(room));
+        let entries = self.scan(filter, stop_after).await?;
+        let mut members = Vec::with_capacity(entries.len());
+        for e in entries {
+            match decode_member(&e.payload) {
+                Some(member) => members.push(member),
+                None => tracing::warn!(key = %e.key, "undecodable presence entry ignored"),
+            }
+        }
+        Ok(members)
+    }
+
+    /// The live entries (not delete markers) of the keys matching `filter`, at most
+    /// `stop_after + 1` of them.
+    async fn scan(&self, filter: String, stop_after: usize) -> Result<Vec<Entry>, NatsPresenceError> {
         let s = self.bucket().await?;
-        let filter = format!("$KV.{}.{}.*", self.config.bucket, key_token(room));
         let config = pull::Config {
             filter_subject: filter,
             deliver_policy: DeliverPolicy::LastPerSubject,
@@ -490,7 +563,7 @@ impl Inner {
             Ok(c) => c,
             Err(e) => {
                 *self.stream.lock() = None;
-                return Err(nats("list members", e));
+                return Err(nats("scan", e));
             }
         };
         let name = consumer.cached_info().name.clone();
@@ -508,8 +581,9 @@ impl Inner {
         consumer: &consumer::PullConsumer,
         pending: u64,
         stop_after: usize,
-    ) -> Result<Vec<Member>, NatsPresenceError> {
-        let mut members = Vec::new();
+    ) -> Result<Vec<Entry>, NatsPresenceError> {
+        let prefix_len = format!("$KV.{}.", self.config.bucket).len();
+        let mut entries = Vec::new();
         let mut seen = 0u64;
         while seen < pending {
             let want = (pending - seen).min(1024) as usize;
@@ -519,29 +593,79 @@ impl Inner {
                 .expires(self.config.request_timeout)
                 .messages()
                 .await
-                .map_err(|e| nats("list members", e))?;
+                .map_err(|e| nats("scan", e))?;
             let mut got = 0;
             while let Some(m) = batch.next().await {
-                let m = m.map_err(|e| nats("list members", e))?;
+                let m = m.map_err(|e| nats("scan", e))?;
                 got += 1;
                 seen += 1;
                 if is_delete(m.headers.as_ref()) {
                     continue;
                 }
-                match decode_member(&m.payload) {
-                    Some(member) => members.push(member),
-                    None => tracing::warn!(subject = %m.subject, "undecodable presence entry ignored"),
-                }
-                if members.len() > stop_after {
-                    return Ok(members);
+                let info = m.info().map_err(|e| nats("scan", e))?;
+                entries.push(Entry {
+                    key: m.subject.get(prefix_len..).unwrap_or_default().to_string(),
+                    revision: info.stream_sequence,
+                    time: info.published,
+                    payload: m.payload.clone(),
+                });
+                if entries.len() > stop_after {
+                    return Ok(entries);
                 }
             }
             if got == 0 {
                 break;
             }
         }
-        Ok(members)
+        Ok(entries)
     }
+
+    /// The registry: each incarnation's entry, and the reference time (this node's own
+    /// latest heartbeat, else the newest entry).
+    async fn registry(
+        &self,
+    ) -> Result<(Vec<(String, Entry)>, Option<async_nats::datetime::DateTime>), NatsPresenceError> {
+        let entries = self.scan(format!("$KV.{}.{NODES}.*", self.config.bucket), usize::MAX - 1).await?;
+        let mine = key_token(&self.config.node);
+        let mut reference = None;
+        let mut newest = None;
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            let Some(token) = e.key.strip_prefix(NODES).and_then(|k| k.strip_prefix('.')) else {
+                continue;
+            };
+            if token == mine {
+                reference = Some(e.time);
+            }
+            newest = newest.max(Some(e.time));
+            out.push((token.to_string(), e));
+        }
+        Ok((out, reference.or(newest)))
+    }
+
+    /// Deletes `key` if its revision is still `revision`; whether this call deleted it.
+    async fn delete_if(&self, key: &str, revision: u64) -> Result<bool, NatsPresenceError> {
+        let mut headers = HeaderMap::new();
+        headers.insert("KV-Operation", "DEL");
+        Ok(self.write_retrying(key, Bytes::new(), headers, Some(revision)).await?.is_some())
+    }
+}
+
+fn parse_node_info(b: &[u8]) -> Option<NodeInfo> {
+    let text = std::str::from_utf8(b).ok()?;
+    let mut parts = text.splitn(3, ' ');
+    let connections = parts.next()?.parse().ok()?;
+    let rooms = parts.next()?.parse().ok()?;
+    let id = parts.next()?.to_string();
+    Some(NodeInfo { id, connections, rooms })
+}
+
+fn older_than(
+    reference: async_nats::datetime::DateTime,
+    t: async_nats::datetime::DateTime,
+    timeout: Duration,
+) -> bool {
+    reference.unix_timestamp_nanos() - t.unix_timestamp_nanos() > timeout.as_nanos() as i128
 }
 
 /// Refreshes this node's members every TTL/3 (and at once after a reconnect) until the
@@ -564,7 +688,7 @@ impl Presence for NatsPresence {
 
     async fn add(&self, room: &Room, member: &Member) -> Result<(), NatsPresenceError> {
         let inner = &self.inner;
-        let key = Inner::key(room, &member.client);
+        let key = inner.key(room, &member.client);
         let value = encode_member(member)?;
         let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
         let revision = inner
@@ -577,12 +701,21 @@ impl Presence for NatsPresence {
 
     async fn remove(&self, room: &Room, client: &str) -> Result<(), NatsPresenceError> {
         let inner = &self.inner;
-        let key = Inner::key(room, client);
+        let key = inner.key(room, client);
         // Forget it first: a refresh from now on cannot write it back.
-        inner.mine.lock().remove(&key);
-        let mut headers = HeaderMap::new();
-        headers.insert("KV-Operation", "DEL");
-        inner.write_retrying(&key, Bytes::new(), headers, None).await?;
+        let keys = if inner.mine.lock().remove(&key).is_some() {
+            vec![key]
+        } else {
+            // Not this node's (its session moved, or a backend removes it): find it
+            // under whichever node added it.
+            let filter = format!("$KV.{}.{}.*.{}", inner.config.bucket, key_token(room), key_token(client));
+            inner.scan(filter, usize::MAX - 1).await?.into_iter().map(|e| e.key).collect()
+        };
+        for key in keys {
+            let mut headers = HeaderMap::new();
+            headers.insert("KV-Operation", "DEL");
+            inner.write_retrying(&key, Bytes::new(), headers, None).await?;
+        }
         Ok(())
     }
 
@@ -599,6 +732,73 @@ impl Presence for NatsPresence {
         let members = self.inner.list(room, usize::MAX).await?;
         let users: HashSet<&str> = members.iter().map(|m| m.user.as_str()).collect();
         Ok(PresenceStats { clients: members.len() as u64, users: users.len() as u64 })
+    }
+
+    async fn heartbeat(&self, node: &NodeInfo) -> Result<(), NatsPresenceError> {
+        let inner = &self.inner;
+        let key = format!("{NODES}.{}", key_token(&inner.config.node));
+        let value = Bytes::from(format!("{} {} {}", node.connections, node.rooms, node.id));
+        inner.write_retrying(&key, value, HeaderMap::new(), None).await?;
+        Ok(())
+    }
+
+    async fn nodes(&self, timeout: Duration) -> Result<Vec<NodeInfo>, NatsPresenceError> {
+        let (entries, reference) = self.inner.registry().await?;
+        let Some(reference) = reference else {
+            return Ok(Vec::new());
+        };
+        let mut out: Vec<NodeInfo> = entries
+            .iter()
+            .filter(|(_, e)| !older_than(reference, e.time, timeout))
+            .filter_map(|(_, e)| parse_node_info(&e.payload))
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn reap(&self, timeout: Duration) -> Result<Vec<Reaped>, NatsPresenceError> {
+        let inner = &self.inner;
+        let (entries, reference) = inner.registry().await?;
+        let Some(reference) = reference else {
+            return Ok(Vec::new());
+        };
+        let mine = key_token(&inner.config.node);
+        let mut reaped = Vec::new();
+        for (token, e) in entries {
+            let Some(inc) = key_untoken(&token) else { continue };
+            let silent = Duration::from_nanos(
+                u64::try_from(reference.unix_timestamp_nanos() - e.time.unix_timestamp_nanos()).unwrap_or(0),
+            );
+            if token == mine || !crate::is_dead(&inc, silent, timeout, &inner.config.node) {
+                continue;
+            }
+            let filter = format!("$KV.{}.*.{token}.*", inner.config.bucket);
+            for m in inner.scan(filter, usize::MAX - 1).await? {
+                let Some(room) = m.key.split('.').next().and_then(key_untoken) else { continue };
+                let Ok(room) = Room::parse(&room) else {
+                    tracing::warn!(key = %m.key, "presence entry with an invalid room ignored");
+                    continue;
+                };
+                let Some(member) = decode_member(&m.payload) else {
+                    tracing::warn!(key = %m.key, "undecodable presence entry ignored");
+                    continue;
+                };
+                if inner.delete_if(&m.key, m.revision).await? {
+                    reaped.push(Reaped { room, member });
+                }
+            }
+            inner.delete_if(&e.key, e.revision).await?;
+        }
+        Ok(reaped)
+    }
+
+    async fn deregister(&self) -> Result<(), NatsPresenceError> {
+        let inner = &self.inner;
+        let key = format!("{NODES}.{}", key_token(&inner.config.node));
+        let mut headers = HeaderMap::new();
+        headers.insert("KV-Operation", "DEL");
+        inner.write_retrying(&key, Bytes::new(), headers, None).await?;
+        Ok(())
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! # Connection URL
 //!
-//! The broker's URL (see `roomcast_broker::redis`): `redis://host:port[/db]`, several seed
+//! The broker's URL (parsed by `roomcast_redis_common::parse_url`, shared with the broker):
+//! `redis://host:port[/db]`, several seed
 //! hosts with `cluster=true` (or `redis-cluster://`) for Redis Cluster, `prefix` (default
 //! `roomcast`) and `timeout_ms` (default 5000), plus `presence_ttl_ms` (default 30000): how
 //! long a member lives without being added again.
@@ -32,9 +33,24 @@
 //! - **members**: the entries, or a "too many" flag when there are more than the limit.
 //! - **stats**: `HLEN` of the members and of the users hash.
 //!
-//! `add` is idempotent and is the refresh: a node must add each of its members again at
-//! least every TTL (every TTL/3 is the recommendation, see [`RedisPresence::refresh_every`]),
-//! or they expire.
+//! `add` is idempotent and is the refresh: this module adds each of its node's members
+//! again every TTL/3 ([`RedisPresence::refresh_every`]) by itself, until they are removed or
+//! the presence is dropped (a refresh that raced a `remove` is undone at once).
+//!
+//! # Node registry and reaping
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `<prefix>:{nodes}` | sorted set | node incarnation, scored by its last heartbeat (ms, Redis clock) |
+//! | `<prefix>:{nodes}:info` | hash | node incarnation → `<connections> <rooms> <node id>` |
+//! | `<prefix>:node:{<incarnation>}:members` | set | `<room>\n<client>` of every member that run added |
+//!
+//! `reap(timeout)` takes the incarnations whose score is older than `timeout`, pops their
+//! member sets (`SPOP`, so concurrent reapers split the work) and removes each member with
+//! a script that returns the entry only if it was still there: a member is returned to
+//! exactly one reaper. Then the incarnation leaves the registry, unless it sent a
+//! heartbeat meanwhile. The member sets expire after twice the TTL without refresh, so a
+//! cluster that stopped whole leaves nothing behind.
 //!
 //! # Failures
 //!
@@ -42,23 +58,25 @@
 //! timeout. Nothing is retried by this module. An entry that does not decode fails the
 //! `members` call rather than being silently dropped.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use fred::clients::Client;
 use fred::error::Error as FredError;
-use fred::interfaces::{ClientLike, LuaInterface};
+use fred::interfaces::{ClientLike, KeysInterface, SetsInterface};
 use fred::types::Value;
 use fred::types::config::{Config as FredConfig, ReconnectPolicy};
 use roomcast_protocol::{DataError, Member, Room};
-use sha1::{Digest, Sha1};
+use roomcast_redis_common::Script;
 
-use crate::{Presence, PresenceStats};
+use crate::{NodeInfo, Presence, PresenceStats, Reaped};
 
 /// Default key prefix.
-pub const DEFAULT_PREFIX: &str = "roomcast";
+pub const DEFAULT_PREFIX: &str = roomcast_redis_common::DEFAULT_PREFIX;
 /// Default bound of every Redis command.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_TIMEOUT: Duration = roomcast_redis_common::DEFAULT_TIMEOUT;
 /// Default life of a member not added again.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 
@@ -86,109 +104,28 @@ pub struct RedisPresenceConfig {
     pub timeout: Duration,
     /// How long a member lives without being added again.
     pub ttl: Duration,
+    /// This node run's incarnation (see [`crate::incarnation_of`]): members are recorded
+    /// under it. `from_url` makes a random one; a node sets its own.
+    pub node: String,
 }
 
 impl RedisPresenceConfig {
     /// Parses a connection URL (see the module documentation).
     pub fn from_url(url: &str) -> Result<Self, RedisError> {
-        let url = url.trim();
-        let Some((scheme, rest)) = url.split_once("://") else {
-            return Err(RedisError::Config(format!("{url:?} is not a redis:// URL")));
-        };
-        let mut cluster = match scheme {
-            "redis" | "valkey" => false,
-            "redis-cluster" | "valkey-cluster" => true,
-            "rediss" | "valkeys" | "rediss-cluster" | "valkeys-cluster" => {
-                return Err(RedisError::Config("TLS (rediss://) is not supported by this build".into()));
-            }
-            other => return Err(RedisError::Config(format!("unsupported scheme {other:?}"))),
-        };
-        let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let mut prefix = DEFAULT_PREFIX.to_string();
-        let mut timeout = DEFAULT_TIMEOUT;
-        let mut ttl = DEFAULT_TTL;
-        let mut passed: Vec<String> = Vec::new();
-        let positive_ms = |k: &str, v: &str| match v.parse::<u64>() {
-            Ok(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
-            _ => Err(RedisError::Config(format!("{k} {v:?}: expected a positive integer"))),
-        };
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            match k {
-                "prefix" => {
-                    let ok = !v.is_empty()
-                        && v.len() <= 64
-                        && v.bytes().all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}');
-                    if !ok {
-                        return Err(RedisError::Config(format!(
-                            "prefix {v:?}: 1 to 64 printable bytes, no braces"
-                        )));
-                    }
-                    prefix = v.to_string();
-                }
-                "timeout_ms" => timeout = positive_ms(k, v)?,
-                "presence_ttl_ms" => ttl = positive_ms(k, v)?,
-                "cluster" => match v {
-                    "true" | "1" | "yes" => cluster = true,
-                    "false" | "0" | "no" => {}
-                    _ => return Err(RedisError::Config(format!("cluster {v:?}: expected true or false"))),
-                },
-                _ => passed.push(pair.to_string()),
-            }
-        }
-        let (authority, path) = match location.find('/') {
-            Some(i) => location.split_at(i),
-            None => (location, ""),
-        };
-        let (creds, hosts) = match authority.rfind('@') {
-            Some(i) => authority.split_at(i + 1),
-            None => ("", authority),
-        };
-        let mut seeds = hosts.split(',').map(str::trim).filter(|h| !h.is_empty());
-        let Some(first) = seeds.next() else {
-            return Err(RedisError::Config("no host in the URL".into()));
-        };
-        let extra: Vec<&str> = seeds.collect();
-        if !extra.is_empty() && !cluster {
-            return Err(RedisError::Config(
-                "several hosts need cluster mode (cluster=true or redis-cluster://)".into(),
-            ));
-        }
-        passed.extend(extra.iter().map(|h| format!("node={h}")));
-        let scheme = if cluster { "redis-cluster" } else { "redis" };
-        let mut client_url = format!("{scheme}://{creds}{first}{path}");
-        if !passed.is_empty() {
-            client_url.push('?');
-            client_url.push_str(&passed.join("&"));
-        }
-        let client = if cluster {
-            FredConfig::from_url_clustered(&client_url)
-        } else {
-            FredConfig::from_url_centralized(&client_url)
-        }
-        .map_err(|e| RedisError::Config(e.to_string()))?;
-        Ok(RedisPresenceConfig { client, prefix, timeout, ttl })
+        let u = roomcast_redis_common::parse_url(url).map_err(RedisError::Config)?;
+        Ok(RedisPresenceConfig {
+            client: u.client,
+            prefix: u.prefix,
+            timeout: u.timeout,
+            ttl: u.presence_ttl.unwrap_or(DEFAULT_TTL),
+            node: crate::incarnation_of(&crate::random_node_id()),
+        })
     }
 }
 
-struct Script {
-    src: String,
-    sha: String,
-}
-
-impl Script {
-    fn new(body: &str) -> Self {
-        let src = format!("{COMMON}{body}");
-        let sha = Sha1::digest(src.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
-        Script { src, sha }
-    }
-
-    async fn run(&self, client: &Client, keys: Vec<String>, args: Vec<Value>) -> Result<Value, FredError> {
-        match client.evalsha::<Value, _, _, _>(self.sha.as_str(), keys.clone(), args.clone()).await {
-            Err(e) if e.details().starts_with("NOSCRIPT") => client.eval(self.src.as_str(), keys, args).await,
-            other => other,
-        }
-    }
+/// A script over a room's three keys (see `COMMON`).
+fn room_script(body: &str) -> Script {
+    Script::new(format!("{COMMON}{body}"))
 }
 
 /// KEYS of every script: members hash, expiry sorted set, users hash.
@@ -251,14 +188,84 @@ const STATS: &str = r#"
 return {redis.call('HLEN', members), redis.call('HLEN', users)}
 "#;
 
-/// Presence in Redis. See the module documentation.
-pub struct RedisPresence {
-    client: Client,
-    config: RedisPresenceConfig,
+/// ARGV: client. The entry removed, or false when it was not there (any more).
+const TAKE: &str = r#"
+local old = redis.call('HGET', members, ARGV[1])
+if not old then return false end
+forget(ARGV[1])
+return old
+"#;
+
+/// KEYS: registry sorted set, registry hash. ARGV: incarnation, info. Returns now (ms).
+const HEARTBEAT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return now
+"#;
+
+/// KEYS: registry sorted set, registry hash. ARGV: timeout ms, 1 for the live nodes' infos
+/// or 0 for every incarnation with its silence in ms (`{inc, ms, inc, ms, …}`).
+const REGISTRY: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local cutoff = now - tonumber(ARGV[1])
+if ARGV[2] == '1' then
+  local live = redis.call('ZRANGEBYSCORE', KEYS[1], cutoff, '+inf')
+  if #live == 0 then return {} end
+  return redis.call('HMGET', KEYS[2], unpack(live))
+end
+local all = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+for i = 2, #all, 2 do all[i] = now - tonumber(all[i]) end
+return all
+"#;
+
+/// KEYS: registry sorted set, registry hash. ARGV: incarnation, timeout ms (0: always).
+/// Forgets the incarnation unless it was heard of within the timeout.
+const FORGET_NODE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local score = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
+if score and tonumber(ARGV[2]) > 0 and score >= now - tonumber(ARGV[2]) then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+"#;
+
+/// Members popped from a dead node's set per round trip.
+const REAP_BATCH: usize = 256;
+/// Concurrent scripts of one refresh round.
+const REFRESH_CONCURRENCY: usize = 64;
+
+/// One of this node's members, kept to refresh it: its stored entry.
+#[derive(Clone)]
+struct Mine {
+    entry: Bytes,
+}
+
+/// The scripts, shared with the refresher.
+struct Scripts {
     add: Script,
     remove: Script,
     members: Script,
     stats: Script,
+    take: Script,
+    heartbeat: Script,
+    registry: Script,
+    forget_node: Script,
+}
+
+/// This node's members by (room, client), refreshed until removed.
+type MineMap = HashMap<(Room, String), Mine>;
+/// Presence in Redis. See the module documentation.
+pub struct RedisPresence {
+    client: Client,
+    config: Arc<RedisPresenceConfig>,
+    scripts: Arc<Scripts>,
+    /// This node's members, refreshed every TTL/3 by a task that ends when this is
+    /// dropped (it holds only a weak reference).
+    mine: Arc<parking_lot::Mutex<MineMap>>,
 }
 
 impl std::fmt::Debug for RedisPresence {
@@ -280,18 +287,26 @@ impl RedisPresence {
                 c.connection_timeout = config.timeout;
                 c.internal_command_timeout = config.timeout;
                 c.max_command_attempts = 1;
+                // Small commands and replies: without this, Nagle and delayed ACKs add up to 40 ms.
+                c.tcp.nodelay = Some(true);
             })
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
         let client = builder.build()?;
         client.init().await?;
-        Ok(RedisPresence {
-            client,
-            config,
-            add: Script::new(ADD),
-            remove: Script::new(REMOVE),
-            members: Script::new(MEMBERS),
-            stats: Script::new(STATS),
-        })
+        let scripts = Arc::new(Scripts {
+            add: room_script(ADD),
+            remove: room_script(REMOVE),
+            members: room_script(MEMBERS),
+            stats: room_script(STATS),
+            take: room_script(TAKE),
+            heartbeat: Script::new(HEARTBEAT.to_string()),
+            registry: Script::new(REGISTRY.to_string()),
+            forget_node: Script::new(FORGET_NODE.to_string()),
+        });
+        let config = Arc::new(config);
+        let mine = Arc::new(parking_lot::Mutex::new(HashMap::new()));
+        tokio::spawn(refresher(client.clone(), config.clone(), scripts.clone(), Arc::downgrade(&mine)));
+        Ok(RedisPresence { client, config, scripts, mine })
     }
 
     /// [`RedisPresence::connect`] with a URL.
@@ -319,10 +334,109 @@ impl RedisPresence {
         let _ = self.client.quit().await;
     }
 
+    /// This node run's incarnation.
+    pub fn incarnation(&self) -> &str {
+        &self.config.node
+    }
+
+    /// Members this node keeps alive.
+    pub fn local_member_count(&self) -> usize {
+        self.mine.lock().len()
+    }
+
     fn keys(&self, room: &Room) -> Vec<String> {
-        let base = format!("{}:{{{}}}:presence", self.config.prefix, room.as_str());
-        let (expiry, users) = (format!("{base}:expiry"), format!("{base}:users"));
-        vec![base, expiry, users]
+        room_keys(&self.config.prefix, room)
+    }
+
+    fn registry_keys(&self) -> Vec<String> {
+        let base = format!("{}:{{nodes}}", self.config.prefix);
+        let info = format!("{base}:info");
+        vec![base, info]
+    }
+
+    /// Removes `client` from `room` if it is there; its entry when this call removed it.
+    async fn take(&self, room: &Room, client: &str) -> Result<Option<Member>, RedisError> {
+        let reply = self.scripts.take.run(&self.client, self.keys(room), vec![Value::from(client)]).await?;
+        match reply {
+            Value::Null => Ok(None),
+            v => {
+                let b =
+                    value_bytes(v).ok_or_else(|| RedisError::Reply("taken entry is not a string".into()))?;
+                entry::decode(&b).map(Some).map_err(RedisError::Decode)
+            }
+        }
+    }
+}
+
+fn room_keys(prefix: &str, room: &Room) -> Vec<String> {
+    let base = format!("{prefix}:{{{}}}:presence", room.as_str());
+    let (expiry, users) = (format!("{base}:expiry"), format!("{base}:users"));
+    vec![base, expiry, users]
+}
+
+/// The member set of a node run.
+fn index_key(prefix: &str, incarnation: &str) -> String {
+    format!("{prefix}:node:{{{incarnation}}}:members")
+}
+
+fn index_entry(room: &Room, client: &str) -> String {
+    format!("{}\n{client}", room.as_str())
+}
+
+/// Adds this node's members again every TTL/3 until the presence is dropped.
+async fn refresher(
+    client: Client,
+    config: Arc<RedisPresenceConfig>,
+    scripts: Arc<Scripts>,
+    mine: Weak<parking_lot::Mutex<MineMap>>,
+) {
+    use futures_util::StreamExt;
+    let every = config.ttl / 3;
+    let index = index_key(&config.prefix, &config.node);
+    let ttl = ttl_ms(config.ttl);
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(strong) = mine.upgrade() else {
+            return;
+        };
+        let batch: Vec<((Room, String), Mine)> =
+            strong.lock().iter().map(|(k, m)| (k.clone(), m.clone())).collect();
+        drop(strong);
+        if batch.is_empty() {
+            continue;
+        }
+        let entries: Vec<String> = batch.iter().map(|((r, c), _)| index_entry(r, c)).collect();
+        for chunk in entries.chunks(1024) {
+            if let Err(e) = client.sadd::<Value, _, _>(index.as_str(), chunk.to_vec()).await {
+                tracing::warn!(error = %e, "presence refresh failed");
+            }
+        }
+        let _ = client.pexpire::<Value, _>(index.as_str(), ttl.saturating_mul(2), None).await;
+        let failed = futures_util::stream::iter(batch)
+            .map(|((room, c), m)| {
+                let (client, scripts, mine, prefix) = (&client, &scripts, &mine, &config.prefix);
+                async move {
+                    let keys = room_keys(prefix, &room);
+                    let args =
+                        vec![Value::from(c.as_str()), Value::Bytes(m.entry.clone()), Value::Integer(ttl)];
+                    let r = scripts.add.run(client, keys.clone(), args).await;
+                    // Removed while this refresh ran: undo the refresh. (Replaced by a newer
+                    // `add`: the next round writes the newer entry.)
+                    let removed =
+                        mine.upgrade().is_none_or(|mine| !mine.lock().contains_key(&(room, c.clone())));
+                    if removed {
+                        let _ = scripts.remove.run(client, keys, vec![Value::from(c.as_str())]).await;
+                    }
+                    r.is_err()
+                }
+            })
+            .buffer_unordered(REFRESH_CONCURRENCY)
+            .filter(|failed| std::future::ready(*failed))
+            .count()
+            .await;
+        if failed > 0 {
+            tracing::warn!(failed, "presence refresh failed for some members");
+        }
     }
 }
 
@@ -452,21 +566,36 @@ impl Presence for RedisPresence {
         let e = Bytes::from(entry::encode(member)?);
         let args = vec![
             Value::from(member.client.as_str()),
-            Value::Bytes(e),
+            Value::Bytes(e.clone()),
             Value::Integer(ttl_ms(self.config.ttl)),
         ];
-        self.add.run(&self.client, self.keys(room), args).await?;
+        // Recorded first: a refresh from now on keeps it, a remove from now on undoes it.
+        self.mine.lock().insert((room.clone(), member.client.clone()), Mine { entry: e });
+        let index = index_key(&self.config.prefix, &self.config.node);
+        let (added, indexed) = tokio::join!(
+            self.scripts.add.run(&self.client, self.keys(room), args),
+            self.client.sadd::<Value, _, _>(index.as_str(), index_entry(room, &member.client)),
+        );
+        added?;
+        indexed?;
         Ok(())
     }
 
     async fn remove(&self, room: &Room, client: &str) -> Result<(), RedisError> {
-        self.remove.run(&self.client, self.keys(room), vec![Value::from(client)]).await?;
+        self.mine.lock().remove(&(room.clone(), client.to_string()));
+        let index = index_key(&self.config.prefix, &self.config.node);
+        let (removed, unindexed) = tokio::join!(
+            self.scripts.remove.run(&self.client, self.keys(room), vec![Value::from(client)]),
+            self.client.srem::<Value, _, _>(index.as_str(), index_entry(room, client)),
+        );
+        removed?;
+        unindexed?;
         Ok(())
     }
 
     async fn members(&self, room: &Room, limit: usize) -> Result<Option<Vec<Member>>, RedisError> {
         let limit = Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX));
-        let reply = self.members.run(&self.client, self.keys(room), vec![limit]).await?;
+        let reply = self.scripts.members.run(&self.client, self.keys(room), vec![limit]).await?;
         let Value::Array(items) = reply else {
             return Err(RedisError::Reply(format!("members script returned {reply:?}")));
         };
@@ -486,7 +615,7 @@ impl Presence for RedisPresence {
     }
 
     async fn stats(&self, room: &Room) -> Result<PresenceStats, RedisError> {
-        let reply = self.stats.run(&self.client, self.keys(room), Vec::new()).await?;
+        let reply = self.scripts.stats.run(&self.client, self.keys(room), Vec::new()).await?;
         match reply {
             Value::Array(v) if v.len() == 2 => match (value_u64(&v[0]), value_u64(&v[1])) {
                 (Some(clients), Some(users)) => Ok(PresenceStats { clients, users }),
@@ -495,6 +624,85 @@ impl Presence for RedisPresence {
             other => Err(RedisError::Reply(format!("stats script returned {other:?}"))),
         }
     }
+
+    async fn heartbeat(&self, node: &NodeInfo) -> Result<(), RedisError> {
+        let info = format!("{} {} {}", node.connections, node.rooms, node.id);
+        let args = vec![Value::from(self.config.node.as_str()), Value::from(info)];
+        self.scripts.heartbeat.run(&self.client, self.registry_keys(), args).await?;
+        Ok(())
+    }
+
+    async fn nodes(&self, timeout: Duration) -> Result<Vec<NodeInfo>, RedisError> {
+        let args = vec![Value::Integer(ttl_ms(timeout)), Value::from("1")];
+        let reply = self.scripts.registry.run(&self.client, self.registry_keys(), args).await?;
+        let Value::Array(items) = reply else {
+            return Err(RedisError::Reply(format!("registry script returned {reply:?}")));
+        };
+        let mut out = Vec::with_capacity(items.len());
+        for v in items {
+            // A node between its heartbeat's two writes has no info yet: skip it.
+            let Some(b) = value_bytes(v) else { continue };
+            out.push(parse_node_info(&b).ok_or(RedisError::Decode("node info"))?);
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn reap(&self, timeout: Duration) -> Result<Vec<Reaped>, RedisError> {
+        let args = vec![Value::Integer(ttl_ms(timeout)), Value::from("0")];
+        let reply = self.scripts.registry.run(&self.client, self.registry_keys(), args).await?;
+        let Value::Array(all) = reply else {
+            return Err(RedisError::Reply(format!("registry script returned {reply:?}")));
+        };
+        let mut reaped = Vec::new();
+        let mut it = all.into_iter();
+        while let (Some(inc), Some(silent)) = (it.next(), it.next()) {
+            let Some(inc) = value_bytes(inc).and_then(|b| String::from_utf8(b.to_vec()).ok()) else {
+                continue;
+            };
+            let silent = Duration::from_millis(value_u64(&silent).unwrap_or(0));
+            if !crate::is_dead(&inc, silent, timeout, &self.config.node) {
+                continue;
+            }
+            let index = index_key(&self.config.prefix, &inc);
+            loop {
+                let batch: Vec<Bytes> = self.client.spop(index.as_str(), Some(REAP_BATCH)).await?;
+                if batch.is_empty() {
+                    break;
+                }
+                for e in batch {
+                    let text = String::from_utf8_lossy(&e);
+                    let Some((room, client)) = text.split_once('\n') else { continue };
+                    let Ok(room) = Room::parse(room) else {
+                        tracing::warn!(entry = %text, "presence index entry with an invalid room ignored");
+                        continue;
+                    };
+                    if let Some(member) = self.take(&room, client).await? {
+                        reaped.push(Reaped { room, member });
+                    }
+                }
+            }
+            let args = vec![Value::from(inc.as_str()), Value::Integer(ttl_ms(timeout))];
+            self.scripts.forget_node.run(&self.client, self.registry_keys(), args).await?;
+        }
+        Ok(reaped)
+    }
+
+    async fn deregister(&self) -> Result<(), RedisError> {
+        let args = vec![Value::from(self.config.node.as_str()), Value::Integer(0)];
+        self.scripts.forget_node.run(&self.client, self.registry_keys(), args).await?;
+        Ok(())
+    }
+}
+
+/// Parses `<connections> <rooms> <node id>`.
+fn parse_node_info(b: &[u8]) -> Option<NodeInfo> {
+    let text = std::str::from_utf8(b).ok()?;
+    let mut parts = text.splitn(3, ' ');
+    let connections = parts.next()?.parse().ok()?;
+    let rooms = parts.next()?.parse().ok()?;
+    let id = parts.next()?.to_string();
+    Some(NodeInfo { id, connections, rooms })
 }
 
 #[cfg(test)]

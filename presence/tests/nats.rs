@@ -163,3 +163,53 @@ async fn members_come_back_after_the_server_restarts_empty() {
     .await;
     assert_eq!(p.stats(&r).await.unwrap(), PresenceStats { clients: 2, users: 2 });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_lists_live_nodes_and_reapers_remove_a_dead_nodes_members_once() {
+    use roomcast_presence::NodeInfo;
+    let server = NatsServer::start();
+    let ttl = Duration::from_secs(30);
+    let dead = presence(&server, ttl).await;
+    let (a, b) = (presence(&server, ttl).await, presence(&server, ttl).await);
+    let info = |id: &str, connections| NodeInfo { id: id.into(), connections, rooms: 1 };
+    dead.heartbeat(&info("dead", 7)).await.unwrap();
+    a.heartbeat(&info("a", 1)).await.unwrap();
+    let ids = |v: Vec<NodeInfo>| v.into_iter().map(|n| n.id).collect::<Vec<_>>();
+    assert_eq!(ids(b.nodes(Duration::from_secs(10)).await.unwrap()), ["a", "dead"]);
+    assert_eq!(a.nodes(Duration::from_secs(10)).await.unwrap()[1], info("dead", 7));
+    // 100 members of the dead node over 10 rooms (names needing escapes), and live ones.
+    for i in 0..100 {
+        dead.add(&room(&format!("ns:r.{}_x", i % 10)), &m(&format!("d{i}"), "u")).await.unwrap();
+    }
+    for i in 0..10 {
+        a.add(&room(&format!("ns:r.{i}_x")), &m(&format!("a{i}"), "u")).await.unwrap();
+    }
+    assert!(a.reap(Duration::from_secs(10)).await.unwrap().is_empty(), "nothing is dead yet");
+    drop(dead);
+    let timeout = Duration::from_millis(300);
+    eventually("the dead node's heartbeat is older than the timeout", || async {
+        a.heartbeat(&info("a", 1)).await.unwrap();
+        b.heartbeat(&info("b", 0)).await.unwrap();
+        ids(a.nodes(timeout).await.unwrap()) == ["a", "b"]
+    })
+    .await;
+    // Two reapers at once: every dead member is returned exactly once.
+    let (ra, rb) = tokio::join!(a.reap(timeout), b.reap(timeout));
+    let mut got: Vec<String> = ra
+        .unwrap()
+        .into_iter()
+        .chain(rb.unwrap())
+        .map(|r| format!("{}/{}", r.room, r.member.client))
+        .collect();
+    got.sort();
+    let mut want: Vec<String> = (0..100).map(|i| format!("ns:r.{}_x/d{i}", i % 10)).collect();
+    want.sort();
+    assert_eq!(got, want);
+    for i in 0..10 {
+        let members = a.members(&room(&format!("ns:r.{i}_x")), 100).await.unwrap().unwrap();
+        assert_eq!(clients(&members), [format!("a{i}")]);
+    }
+    assert!(a.reap(timeout).await.unwrap().is_empty(), "reaped once");
+    b.deregister().await.unwrap();
+    assert_eq!(ids(a.nodes(Duration::from_secs(10)).await.unwrap()), ["a"]);
+}

@@ -90,9 +90,9 @@ async fn add_remove_members_and_stats_across_nodes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn members_not_refreshed_expire_and_refreshed_ones_stay() {
+async fn members_of_a_dropped_presence_expire_and_live_ones_are_refreshed() {
     let redis = RedisServer::start();
-    // Node `dying` stops refreshing; node `alive` refreshes one member.
+    // Node `dying` goes away (its refresher stops); node `alive` refreshes by itself.
     let short = format!("{}?presence_ttl_ms=1000", redis.url());
     let dying = presence(&short).await;
     let alive = presence(&short).await;
@@ -104,29 +104,79 @@ async fn members_not_refreshed_expire_and_refreshed_ones_stay() {
     alive.add(&r, &m("a1", "u1")).await.unwrap();
     long.add(&r, &m("l1", "u3")).await.unwrap();
     assert_eq!(long.stats(&r).await.unwrap(), PresenceStats { clients: 4, users: 3 });
+    drop(dying);
 
-    let mut last_refresh = tokio::time::Instant::now();
-    wait_for("the dead node's members expired", || {
-        let (alive, long, r) = (&alive, &long, &r);
-        let refresh = last_refresh.elapsed() >= alive.refresh_every();
-        if refresh {
-            last_refresh = tokio::time::Instant::now();
-        }
-        async move {
-            if refresh {
-                alive.add(r, &m("a1", "u1")).await.unwrap();
-            }
-            clients(long, r).await == ["a1", "l1"]
-        }
-    })
-    .await;
+    wait_for("the dead node's members expired", || async { clients(&long, &r).await == ["a1", "l1"] }).await;
     assert_eq!(long.stats(&r).await.unwrap(), PresenceStats { clients: 2, users: 2 });
-
-    // Without refreshes the rest of the short-lived members go too; the long one stays.
-    wait_for("the unrefreshed member expired", || async { clients(&long, &r).await == ["l1"] }).await;
-    assert_eq!(long.stats(&r).await.unwrap(), PresenceStats { clients: 1, users: 1 });
+    // Three TTLs later the refreshed member is still there.
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        assert_eq!(clients(&long, &r).await, ["a1", "l1"], "refreshed members stay");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(alive.local_member_count(), 1);
+    // A removed member is not brought back by a later refresh.
+    alive.remove(&r, "a1").await.unwrap();
+    assert_eq!(alive.local_member_count(), 0);
+    let until = tokio::time::Instant::now() + Duration::from_millis(800);
+    while tokio::time::Instant::now() < until {
+        assert_eq!(clients(&long, &r).await, ["l1"], "removed members stay removed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let ttl: i64 = redis.command(&["PTTL", "roomcast:{ttl}:presence"]).parse().unwrap();
     assert!(ttl > 20_000, "short-lived members never shorten the keys' life: {ttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_lists_live_nodes_and_reapers_remove_a_dead_nodes_members_once() {
+    use roomcast_presence::NodeInfo;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let dead = presence(&url).await;
+    let (a, b) = (presence(&url).await, presence(&url).await);
+    let info = |id: &str, connections| NodeInfo { id: id.into(), connections, rooms: 1 };
+    dead.heartbeat(&info("dead", 7)).await.unwrap();
+    a.heartbeat(&info("a", 1)).await.unwrap();
+    let ids = |v: Vec<NodeInfo>| v.into_iter().map(|n| n.id).collect::<Vec<_>>();
+    assert_eq!(ids(b.nodes(Duration::from_secs(10)).await.unwrap()), ["a", "dead"]);
+    assert_eq!(a.nodes(Duration::from_secs(10)).await.unwrap()[1], info("dead", 7));
+    // 200 members of the dead node over 20 rooms, and live members of `a`.
+    for i in 0..200 {
+        dead.add(&room(&format!("r{}", i % 20)), &m(&format!("d{i}"), "u")).await.unwrap();
+    }
+    for i in 0..20 {
+        a.add(&room(&format!("r{i}")), &m(&format!("a{i}"), "u")).await.unwrap();
+    }
+    // Nothing is dead yet.
+    assert!(a.reap(Duration::from_secs(10)).await.unwrap().is_empty());
+    drop(dead);
+    let timeout = Duration::from_millis(200);
+    wait_for("the dead node's heartbeat is older than the timeout", || async {
+        a.heartbeat(&info("a", 1)).await.unwrap();
+        b.heartbeat(&info("b", 0)).await.unwrap();
+        ids(a.nodes(timeout).await.unwrap()) == ["a", "b"]
+    })
+    .await;
+    // Two reapers at once: every dead member is returned exactly once.
+    let (ra, rb) = tokio::join!(a.reap(timeout), b.reap(timeout));
+    let mut got: Vec<String> = ra
+        .unwrap()
+        .into_iter()
+        .chain(rb.unwrap())
+        .map(|r| format!("{}/{}", r.room, r.member.client))
+        .collect();
+    got.sort();
+    let mut want: Vec<String> = (0..200).map(|i| format!("r{}/d{i}", i % 20)).collect();
+    want.sort();
+    assert_eq!(got, want);
+    for i in 0..20 {
+        assert_eq!(clients(&a, &room(&format!("r{i}"))).await, [format!("a{i}")]);
+    }
+    // The dead node left the registry; reaping again finds nothing.
+    assert!(a.reap(timeout).await.unwrap().is_empty());
+    b.deregister().await.unwrap();
+    let live = a.nodes(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(ids(live), ["a"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,7 +188,9 @@ async fn a_room_whose_members_all_expired_leaves_no_keys() {
     assert_eq!(redis.command(&["EXISTS", "pp:{gone}:presence"]), "1");
     let ttl: i64 = redis.command(&["PTTL", "pp:{gone}:presence:users"]).parse().unwrap();
     assert!(ttl > 0 && ttl <= 300, "keys carry the TTL: {ttl}");
-    // Redis drops the keys by itself, nobody needs to read them.
+    // Its node goes away; Redis drops the keys by itself, nobody needs to read them.
+    drop(p);
+    let p = presence(&format!("{}?presence_ttl_ms=300&prefix=pp", redis.url())).await;
     wait_for("keys gone", || async {
         redis.command(&[
             "EXISTS",

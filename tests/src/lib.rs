@@ -8,6 +8,8 @@
 //! - [`TcpProxy`]: a TCP proxy between a client and a node, to cut connections.
 //! - [`raw`]: a hand-rolled WebSocket client for what tungstenite does not expose (RSV1,
 //!   raw HTTP answers).
+//! - [`services`]: real `redis-server` (standalone or a 3-master Redis Cluster) and
+//!   `nats-server` processes for the cluster tests, and nodes sharing them.
 //!
 //! Nothing here waits with a fixed sleep: every wait is on a condition with a deadline.
 
@@ -17,6 +19,7 @@ mod client;
 mod node;
 mod proxy;
 pub mod raw;
+pub mod services;
 
 use std::future::Future;
 use std::time::Duration;

@@ -104,7 +104,10 @@ impl NodeProc {
                 cmd.env_remove(k);
             }
         }
-        cmd.env("ROOMCAST_LISTEN", "127.0.0.1:0").env("ROOMCAST_LOG", "warn");
+        // `TEST_NODE_LOG` (e.g. `warn,roomcast_broker=debug`) sets the nodes' log filter when
+        // chasing a failure; their stderr is printed when a test fails.
+        let log = std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "warn".into());
+        cmd.env("ROOMCAST_LISTEN", "127.0.0.1:0").env("ROOMCAST_LOG", log);
         let config_path = opts.config_toml.as_ref().map(|toml| {
             let p = temp_path("config", "toml");
             std::fs::write(&p, toml).expect("writing the node's config");

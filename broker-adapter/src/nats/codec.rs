@@ -15,7 +15,12 @@
 //!              flags: 1 = has position, 2 = has publisher info, 4 = has skip-client
 //! join/leave:  "rc" 1 ('J'|'L') flags client u32-len user u32-len [info u32-len]
 //!              [room_info u32-len]      flags: 1 = has info, 2 = has room_info
+//! idempotency claim: "rc" 1 'I' flags [offset u64, epoch u8-len]
+//!              flags: 1 = published (else: publish in progress), 2 = has position
 //! ```
+//!
+//! The same room token escaping turns an idempotency key (any UTF-8) into one subject
+//! token.
 //!
 //! Decoding never panics: anything malformed is an error and the message is dropped.
 
@@ -29,12 +34,15 @@ const VERSION: u8 = 1;
 const KIND_PUBLICATION: u8 = b'P';
 const KIND_JOIN: u8 = b'J';
 const KIND_LEAVE: u8 = b'L';
+const KIND_CLAIM: u8 = b'I';
 
 const PUB_POSITION: u8 = 1;
 const PUB_INFO: u8 = 2;
 const PUB_SKIP: u8 = 4;
 const EV_INFO: u8 = 1;
 const EV_ROOM_INFO: u8 = 2;
+const CLAIM_DONE: u8 = 1;
+const CLAIM_POSITION: u8 = 2;
 
 /// Longest epoch the envelope carries (ours are 12 characters).
 pub const MAX_EPOCH_LEN: usize = 64;
@@ -310,6 +318,53 @@ pub fn decode_live(room: &Room, payload: &Bytes) -> Result<Live, DecodeError> {
     }
 }
 
+/// The state of an idempotency claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Claimed; the publication is in progress.
+    Pending,
+    /// Published; with the position when its room keeps history.
+    Done(Option<(u64, String)>),
+}
+
+/// Encodes an idempotency claim.
+pub fn encode_claim(claim: &Claim) -> Bytes {
+    let mut out = BytesMut::with_capacity(16 + MAX_EPOCH_LEN);
+    out.put_slice(MAGIC);
+    out.put_u8(VERSION);
+    out.put_u8(KIND_CLAIM);
+    match claim {
+        Claim::Pending => out.put_u8(0),
+        Claim::Done(None) => out.put_u8(CLAIM_DONE),
+        Claim::Done(Some((offset, epoch))) => {
+            out.put_u8(CLAIM_DONE | CLAIM_POSITION);
+            out.put_u64(*offset);
+            let epoch = &epoch.as_bytes()[..epoch.len().min(MAX_EPOCH_LEN)];
+            out.put_u8(epoch.len() as u8);
+            out.put_slice(epoch);
+        }
+    }
+    out.freeze()
+}
+
+/// Decodes an idempotency claim.
+pub fn decode_claim(payload: &Bytes) -> Result<Claim, DecodeError> {
+    let mut r = Reader::new(payload);
+    let (kind, flags) = r.header()?;
+    if kind != KIND_CLAIM {
+        return Err(DecodeError::UnknownKind(kind));
+    }
+    let claim = match (flags & CLAIM_DONE != 0, flags & CLAIM_POSITION != 0) {
+        (false, _) => Claim::Pending,
+        (true, false) => Claim::Done(None),
+        (true, true) => Claim::Done(Some(r.position()?)),
+    };
+    if r.at != payload.len() {
+        return Err(DecodeError::Truncated);
+    }
+    Ok(claim)
+}
+
 /// Checks an epoch marker's body: the epoch, as written by [`crate::nats`].
 pub fn decode_epoch(payload: &[u8]) -> Option<String> {
     let ok = !payload.is_empty()
@@ -345,6 +400,24 @@ mod tests {
         for t in ["a_2e", "a_", "a_4", "a_ZZ", "_20", "a_2F", ""] {
             assert_eq!(room_from_token(t), None, "{t}");
         }
+    }
+
+    #[test]
+    fn claims_round_trip_and_garbage_is_refused() {
+        for c in [Claim::Pending, Claim::Done(None), Claim::Done(Some((7, "abcDEF123456".into())))] {
+            assert_eq!(decode_claim(&encode_claim(&c)).unwrap(), c);
+        }
+        let good = encode_claim(&Claim::Done(Some((7, "e".into()))));
+        for n in 0..good.len() {
+            assert!(decode_claim(&good.slice(..n)).is_err(), "{n}");
+        }
+        let mut long = good.to_vec();
+        long.push(0);
+        assert!(decode_claim(&Bytes::from(long)).is_err());
+        assert!(decode_claim(&encode_publication(&pubn(Some(1)), Some((1, "e"))).unwrap()).is_err());
+        // Keys become one subject token, whatever they hold.
+        let t = room_token("key with spaces.and*wild>cards/é");
+        assert!(t.bytes().all(|b| b.is_ascii_alphanumeric() || b"-/=_".contains(&b)), "{t}");
     }
 
     fn pubn(offset: Option<u64>) -> BrokerPublication {
