@@ -124,14 +124,18 @@
 //!   the epoch the room then has (tested with readers and publishers on three nodes at
 //!   once);
 //! - a publisher that read the marker *between* another node's take and its offset 1
-//!   succeeds in taking the next value, sees it replaced a flagged take, compares the two
-//!   markers' server timestamps (no clock skew), and when the earlier take is younger than
-//!   the request timeout (or the history's TTL, when shorter) waits for that start and
-//!   continues it too. The epoch it took is then never used.
+//!   succeeds in replacing it, but keeps the earlier take's flag (readers go on being told
+//!   the epoch that start carries), compares the two markers' server timestamps (no clock
+//!   skew), and when the earlier take is younger than the request timeout (or the history's
+//!   TTL, when shorter) waits for that start and continues it, or, when it does not come,
+//!   starts the room with that same announced epoch itself (concurrent starts with one
+//!   epoch race on offset 1: one is stored, the others continue it). The epoch it would
+//!   have taken is never used.
 //!
-//! A taker that dies between its take and its offset 1 leaves the flag; after the request
-//! timeout the next publisher takes the marker's next epoch, and a reader told the flagged
-//! one meanwhile gets `recovered: false` on its next recovery (never a gap).
+//! An older flagged take (its taker died between take and offset 1) is replaced: the next
+//! publisher flags and starts with a new epoch, since the dead take's epoch may have been
+//! stored and lost since. A reader told the dead take's epoch gets `recovered: false` on its
+//! next recovery (never a gap).
 //!
 //! # Reading history
 //!
@@ -401,7 +405,7 @@ enum Tail {
 enum Take {
     /// This epoch, for offset 1. `recent_take`: the marker we replaced had itself been
     /// written by a take shortly before (see [`Inner::take_epoch`]), whose offset 1 may still
-    /// be on its way.
+    /// be on its way: wait for it that long, then start with `epoch` (that take's).
     Took { epoch: String, recent_take: Option<Duration>, marker: TookMarker },
     /// Another node took the marker's epoch first: it is starting the room with it.
     TakenByOther,
@@ -967,56 +971,74 @@ impl Inner {
         Err(nats("epoch marker", "too much contention on an epoch marker"))
     }
 
-    /// Takes the marker's epoch for a fresh start, replacing it by a new one (marked as
-    /// written by a take).
+    /// Takes an epoch for a fresh start, replacing the marker by a new one flagged as
+    /// written by a take, and says which epoch offset 1 must carry.
     ///
     /// A publisher that read the marker *after* another node's take but before that node
-    /// stored its offset 1 takes the next epoch with a successful compare-and-set, and the
-    /// two offsets 1 race. So when the replaced marker was itself a take, stored less than
-    /// `window` before ours (both server timestamps: no clock skew), the caller is told to
-    /// wait (at most `window`) for that start and continue it. `window` is the request
-    /// timeout, or the history's TTL when shorter (an older take's start may have expired).
+    /// stored its offset 1 still succeeds in replacing it. Its marker then keeps the earlier
+    /// take's flag (readers go on being told the epoch that start carries), and when that take
+    /// was stored less than `window` before ours (both server timestamps: no clock skew) the
+    /// caller is told to wait (at most `window`) for that start and continue it, or, when it
+    /// does not come, to start the room with that same epoch itself (two such starts race on
+    /// offset 1 with the same epoch: one is stored, the other continues it). An older take is
+    /// presumed dead: the flag is rewritten to the epoch this take starts with. `window` is
+    /// the request timeout, or the history's TTL when shorter (an older take's start may have
+    /// expired).
     async fn take_epoch(&self, marker_subject: &str, window: Duration) -> Result<Take, NatsError> {
         let m = self.marker(marker_subject).await?;
         let had_epoch = m.epoch.is_some();
-        let epoch = m.epoch.unwrap_or_else(new_epoch);
+        let own = m.epoch.unwrap_or_else(new_epoch);
+        // The epoch readers are told while this take is pending.
+        let flagged = m.taken.clone().unwrap_or_else(|| own.clone());
         let es = self.epoch_stream().await?;
-        let next = Bytes::from(new_epoch().into_bytes());
-        Ok(
-            match self
-                .publish_cas(
-                    &es.name,
-                    marker_subject.to_string(),
-                    next.clone(),
-                    m.seq,
-                    Some((TAKEN_HEADER, &epoch)),
-                )
-                .await?
-            {
-                Some(seq) => {
-                    let recent_take = match m.taken_at {
-                        None => None,
-                        Some(before) => {
-                            let age = match self.get(&es, Get::Seq(seq)).await? {
-                                Some(ours) => {
-                                    let ns = ours.time.unix_timestamp_nanos().saturating_sub(before).max(0);
-                                    Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
-                                }
-                                // Already replaced again: assume the worst, it was recent.
-                                None => Duration::ZERO,
-                            };
-                            (age < window).then(|| window - age)
-                        }
-                    };
-                    let next = String::from_utf8_lossy(&next).into_owned();
-                    Take::Took { epoch, recent_take, marker: TookMarker { seq, next } }
-                }
-                // Only a take replaces an epoch a marker holds: another node took it for this
-                // very fresh start.
-                None if had_epoch => Take::TakenByOther,
-                None => Take::Changed,
-            },
-        )
+        let next = new_epoch();
+        let body = Bytes::from(next.clone().into_bytes());
+        let cas = self
+            .publish_cas(
+                &es.name,
+                marker_subject.to_string(),
+                body.clone(),
+                m.seq,
+                Some((TAKEN_HEADER, &flagged)),
+            )
+            .await?;
+        let Some(seq) = cas else {
+            // Only a take replaces an epoch a marker holds: another node took it for this
+            // very fresh start.
+            return Ok(if had_epoch { Take::TakenByOther } else { Take::Changed });
+        };
+        let Some(before) = m.taken_at else {
+            return Ok(Take::Took { epoch: own, recent_take: None, marker: TookMarker { seq, next } });
+        };
+        let age = match self.get(&es, Get::Seq(seq)).await? {
+            Some(ours) => {
+                let ns = ours.time.unix_timestamp_nanos().saturating_sub(before).max(0);
+                Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
+            }
+            // Already replaced again: assume the worst, it was recent.
+            None => Duration::ZERO,
+        };
+        if age < window {
+            // The earlier take's start may be on its way: wait for it, else start with the
+            // epoch it announced (an older roomcast's flag names none: then ours).
+            return Ok(Take::Took {
+                epoch: flagged,
+                recent_take: Some(window - age),
+                marker: TookMarker { seq, next },
+            });
+        }
+        if flagged == own {
+            return Ok(Take::Took { epoch: own, recent_take: None, marker: TookMarker { seq, next } });
+        }
+        // A dead take: announce ours instead (its epoch may have been stored and lost since,
+        // so it is never reused).
+        let reflag = self
+            .publish_cas(&es.name, marker_subject.to_string(), body, seq, Some((TAKEN_HEADER, &own)))
+            .await?;
+        Ok(match reflag {
+            Some(seq) => Take::Took { epoch: own, recent_take: None, marker: TookMarker { seq, next } },
+            None => Take::Changed,
+        })
     }
 
     fn room_lock(&self, subject: &str) -> Arc<tokio::sync::Mutex<()>> {

@@ -189,12 +189,15 @@ async fn subscribe_before_read_never_opens_a_gap() {
     let b = node(&server).await;
     for round in 0..3 {
         let r = room(&format!("feed:r{round}"));
-        const N: u64 = 150;
+        // Published concurrently with the subscribe, then a tail published after the read,
+        // so there is always something after the read position to check.
+        const RACED: u64 = 150;
+        const N: u64 = RACED + 10;
         let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let publisher = {
             let (pa, r, sent) = (a.broker.clone(), r.clone(), sent.clone());
             tokio::spawn(async move {
-                for i in 1..=N {
+                for i in 1..=RACED {
                     publish(&pa, &r, i, H).await;
                     sent.store(i, Ordering::SeqCst);
                 }
@@ -207,6 +210,9 @@ async fn subscribe_before_read_never_opens_a_gap() {
         let page = b.broker.history(&r, plain(Some(0), false), H).await.unwrap();
         let at = page.position.offset;
         publisher.await.unwrap();
+        for i in RACED + 1..=N {
+            publish(&a.broker, &r, i, H).await;
+        }
         wait_until("the live tail arrived", WAIT, || b.seen.offsets(&r).last() == Some(&Some(N))).await;
         let live: Vec<u64> = b.seen.offsets(&r).into_iter().map(Option::unwrap).collect();
         let after: Vec<u64> = live.iter().copied().filter(|o| *o > at).collect();
