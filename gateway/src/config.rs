@@ -192,6 +192,11 @@ pub struct ApiConfig {
     /// NATS API requests handled at once by this node; more wait (backpressure on the
     /// subscription). Default 256.
     pub max_in_flight: usize,
+    /// NATS API messages buffered by this node beyond those in flight. When the buffer is
+    /// full the NATS client drops what arrives (counted as
+    /// `roomcast_limit_trips_total{limit="api_requests_dropped"}`; a request then times out
+    /// at its sender). Bounds the memory an API burst can take. Default 8192.
+    pub max_queued: usize,
 }
 
 impl Default for ApiConfig {
@@ -203,6 +208,7 @@ impl Default for ApiConfig {
             rpc_timeout_ms: 5_000,
             idempotency_window_ms: 300_000,
             max_in_flight: 256,
+            max_queued: 8192,
         }
     }
 }
@@ -248,6 +254,9 @@ impl ApiConfig {
         }
         if self.max_in_flight == 0 || self.max_in_flight > 65_536 {
             return Err(invalid("api.max_in_flight", "must be 1..=65536"));
+        }
+        if self.max_queued == 0 || self.max_queued > 1_048_576 {
+            return Err(invalid("api.max_queued", "must be 1..=1048576"));
         }
         Ok(())
     }

@@ -316,6 +316,10 @@ pub struct LimitCounters {
     pub tokens_refused: AtomicU64,
     /// Tokens refused as expired (109), and connections closed with 4004.
     pub tokens_expired: AtomicU64,
+    /// Backend API requests the NATS client dropped because this node's API subscription
+    /// buffer was full (a lower bound: the client reports each drop on a bounded channel).
+    /// Fire-and-forget publishers see no error, so this is where an overload shows.
+    pub api_requests_dropped: AtomicU64,
 }
 
 impl LimitCounters {
@@ -339,6 +343,7 @@ impl LimitCounters {
             ("pong_timeouts", r(&self.pong_timeouts)),
             ("tokens_refused", r(&self.tokens_refused)),
             ("tokens_expired", r(&self.tokens_expired)),
+            ("api_requests_dropped", r(&self.api_requests_dropped)),
         ]
     }
 }

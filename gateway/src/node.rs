@@ -214,8 +214,26 @@ impl Node {
         let limits = Arc::new(crate::limits::Limits::new(config.limits.clone(), config.client_ip_resolver()));
         let api_nats = match config.api_nats_url() {
             Some(url) => {
+                let dropped = limits.clone();
                 let client = async_nats::ConnectOptions::new()
                     .name(format!("roomcast-api {id}"))
+                    // The API subscription's buffer (the client's only subscription; RPC
+                    // answers arrive on its request multiplexer).
+                    .subscription_capacity(config.api.max_queued)
+                    .event_callback(move |event| {
+                        let limits = dropped.clone();
+                        async move {
+                            match event {
+                                async_nats::Event::SlowConsumer(_) => {
+                                    crate::limits::LimitCounters::inc(&limits.counters.api_requests_dropped);
+                                }
+                                async_nats::Event::Disconnected | async_nats::Event::Connected => {
+                                    tracing::info!(%event, "backend API NATS connection");
+                                }
+                                other => tracing::debug!(event = %other, "backend API NATS event"),
+                            }
+                        }
+                    })
                     .connect(url.as_str())
                     .await
                     .map_err(|e| NodeError::Api { url: url.clone(), message: e.to_string() })?;

@@ -126,6 +126,35 @@ pub async fn assert_node_serves(url: &str) {
     c.close().await;
 }
 
+/// The body of a plain HTTP/1.1 GET that must answer 200 (the node closes after
+/// `Connection: close`).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream =
+        within(RECV_TIMEOUT, "TCP connect", tokio::net::TcpStream::connect(addr)).await.expect("TCP connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.expect("sending the request");
+    let mut raw = Vec::new();
+    within(RECV_TIMEOUT, "the HTTP response", stream.read_to_end(&mut raw))
+        .await
+        .expect("reading the response");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
+}
+
+/// The value of `roomcast_limit_trips_total{limit="<limit>"}` at the node's `/metrics`.
+pub async fn limit_trips(addr: std::net::SocketAddr, limit: &str) -> u64 {
+    let metrics = http_get(addr, "/metrics").await;
+    let prefix = format!("roomcast_limit_trips_total{{limit=\"{limit}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .unwrap_or_else(|| panic!("no counter {limit:?} in {metrics}"))
+        .parse()
+        .expect("a counter value")
+}
+
 /// A number unique in this process.
 pub fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};

@@ -16,7 +16,8 @@ use futures_util::StreamExt as _;
 use jsonwebtoken::{EncodingKey, Header};
 use roomcast_tests::services::{NatsServer, RedisServer, start_nodes, wait_readyz};
 use roomcast_tests::{
-    Enc, NodeProc, TestClient, Value, assert_error, eventually, json, json_to_mp, mp_to_json, unique, within,
+    Enc, NodeOptions, NodeProc, TestClient, Value, assert_error, eventually, json, json_to_mp, limit_trips,
+    mp_to_json, unique, within,
 };
 
 const SECRET: &str = "roomcast-tests-hmac-secret-of-at-least-32-bytes";
@@ -379,6 +380,40 @@ async fn fire_and_forget_and_one_answer_per_request() {
     let extra = tokio::time::timeout(Duration::from_millis(500), replies.next()).await;
     assert!(extra.is_err(), "a request was answered twice: {extra:?}");
     nothing_more(&mut sub, &r, &b).await;
+}
+
+/// A fire-and-forget burst beyond what a node buffers (`api.max_queued` beyond
+/// `api.max_in_flight`) is dropped by the node's NATS client rather than held without
+/// bound, counted at `/metrics`, and the node keeps serving requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_overload_is_bounded_and_counted() {
+    const BURST: u64 = 3000;
+    let nats = NatsServer::start();
+    let node = NodeProc::start(
+        NodeOptions::with_config("allow_anonymous = true\n[api]\nmax_in_flight = 1\nmax_queued = 8\n")
+            .env("ROOMCAST_API_NATS_URL", nats.url()),
+    );
+    let b = Backend::connect(&nats.url()).await;
+    assert_eq!(limit_trips(node.addr, "api_requests_dropped").await, 0);
+    let r = room("burst");
+    for k in 0..BURST {
+        b.nats
+            .publish("roomcast.api.publish", json!({"room": r, "data": {"k": k}}).to_string().into())
+            .await
+            .unwrap();
+    }
+    b.nats.flush().await.unwrap();
+    let dropped = eventually(Duration::from_secs(10), "dropped API messages counted", || async {
+        let n = limit_trips(node.addr, "api_requests_dropped").await;
+        (n > 0).then_some(n)
+    })
+    .await;
+    // Still served; what was published and what was counted as dropped add up to at most
+    // the burst (the count is a lower bound).
+    let page = b.ok(Enc::Json, "history", json!({"room": r, "limit": 0})).await;
+    let published = page["offset"].as_u64().unwrap_or_else(|| panic!("{page}"));
+    assert!(published > 0 && published < BURST, "published {published} of {BURST}");
+    assert!(published + dropped <= BURST, "published {published} + dropped {dropped} > {BURST}");
 }
 
 /// Publishes a marker and checks it is the next publication in `room`.

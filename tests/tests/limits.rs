@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use roomcast_tests::{
-    Enc, NodeOptions, NodeProc, RECV_TIMEOUT, TestClient, assert_error, eventually, json, within,
+    Enc, NodeOptions, NodeProc, RECV_TIMEOUT, TestClient, assert_error, eventually, http_get, json, within,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -126,18 +126,6 @@ async fn connection_flood_from_one_address_gets_429() {
         "{metrics}"
     );
     assert!(metrics.lines().any(|l| l == "roomcast_ready 1"), "{metrics}");
-}
-
-/// The body of a plain HTTP/1.1 GET (the node closes after `Connection: close`).
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut stream = within(RECV_TIMEOUT, "TCP connect", TcpStream::connect(addr)).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    stream.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    within(RECV_TIMEOUT, "the HTTP response", stream.read_to_end(&mut raw)).await.unwrap();
-    let text = String::from_utf8_lossy(&raw).to_string();
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
 }
 
 #[tokio::test]
