@@ -56,7 +56,16 @@ async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     let config = Config::load(config_path.as_deref(), &ProcessEnv).context("invalid configuration")?;
     let addr = config.listen_addr()?;
     let ws_path = config.ws_path.clone();
-    let node = Node::start(config).await.context("starting the node")?;
+    // Installed before anything starts: a SIGTERM at any moment from here on stops the node
+    // cleanly instead of killing it with the default action.
+    let mut signals = ShutdownSignals::install().context("installing signal handlers")?;
+    let node = tokio::select! {
+        node = Node::start(config) => node.context("starting the node")?,
+        _ = signals.recv() => {
+            tracing::info!("stopped while starting");
+            return Ok(());
+        }
+    };
     let listener = bind(addr).with_context(|| format!("binding {addr}"))?;
     let local = listener.local_addr()?;
     tracing::info!(node = %node.id, %local, "listening");
@@ -64,7 +73,7 @@ async fn serve(config_path: Option<PathBuf>) -> anyhow::Result<()> {
     println!("roomcast listening on ws://{local}{ws_path} node={}", node.id);
 
     let server = tokio::spawn(server::serve(node.clone(), listener));
-    shutdown_signal().await;
+    signals.recv().await;
     tracing::info!("shutting down: closing connections with 4000");
     node.begin_shutdown();
     let drained = node.drain().await;
@@ -85,25 +94,43 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> 
     socket.listen(4096)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGTERM and SIGINT (Ctrl-C), listened to from [`ShutdownSignals::install`] on.
+struct ShutdownSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    /// Replaces the default actions of the signals (which end the process at once) from now on.
+    fn install() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(ShutdownSignals {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(ShutdownSignals {})
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+
+    /// Waits for the next signal.
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => {}
+                _ = self.int.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -68,6 +68,9 @@ pub struct Node {
     cluster_stop: CancellationToken,
     /// Where client `rpc` calls go; `None` when the node has no API NATS server.
     pub rpc: Option<RpcTarget>,
+    /// False from a failed presence heartbeat until the next one that goes through: the
+    /// presence backend is unreachable, so the node is not ready (`/readyz` 503).
+    presence_ok: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Node {
@@ -264,6 +267,7 @@ impl Node {
             limits,
             cluster_stop: CancellationToken::new(),
             rpc,
+            presence_ok: std::sync::atomic::AtomicBool::new(true),
         });
         tokio::spawn(run_broker_control(Arc::downgrade(&node.hub), node.broker.clone(), control));
         tokio::spawn(run_cluster(Arc::downgrade(&node), node.cluster_stop.clone()));
@@ -345,9 +349,12 @@ impl Node {
         }
     }
 
-    /// Whether the node can take traffic.
+    /// Whether the node can take traffic: not shutting down, its broker connected, and its
+    /// last presence heartbeat went through.
     pub fn is_ready(&self) -> bool {
-        !self.shutdown.is_cancelled() && self.broker.is_ready()
+        !self.shutdown.is_cancelled()
+            && self.broker.is_ready()
+            && self.presence_ok.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Starts shutting down: connections are told 4000 and the listener stops.
@@ -433,13 +440,15 @@ async fn run_cluster(node: std::sync::Weak<Node>, stop: CancellationToken) {
                 if failing {
                     tracing::info!("presence heartbeats go through again");
                     failing = false;
+                    node.presence_ok.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 last_ok = tokio::time::Instant::now();
             }
             Err(e) => {
                 if !failing {
-                    tracing::warn!(error = %e, "presence heartbeat failed");
+                    tracing::warn!(error = %e, "presence heartbeat failed; not ready until it goes through");
                     failing = true;
+                    node.presence_ok.store(false, std::sync::atomic::Ordering::Relaxed);
                 }
                 continue;
             }

@@ -191,6 +191,18 @@ async fn c4006_pong_timeout() {
     assert_node_serves(&url).await;
 }
 
+/// SIGTERM the moment the node says it listens (what an orchestrator may do to a pod that
+/// just started): a graceful exit, not death by the signal's default action.
+#[tokio::test]
+async fn sigterm_right_after_start_is_a_graceful_exit() {
+    for _ in 0..5 {
+        let mut node = start_test_node(&[]);
+        node.terminate();
+        let status = node.wait_exit(Duration::from_secs(15)).await.expect("the node exits after SIGTERM");
+        assert!(status.success(), "graceful exit: {status}\n{}", node.stderr());
+    }
+}
+
 #[tokio::test]
 async fn c4000_sigterm_disconnects_everyone() {
     let mut node = start_test_node(&[]);

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cluster::{Cluster, read_publications, subscriber};
-use roomcast_tests::services::{RedisCluster, RedisServer, start_nodes};
+use roomcast_tests::services::{RedisCluster, RedisServer, start_nodes, wait_readyz};
 use roomcast_tests::{Enc, TestClient, json, str_of, u64_of};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,6 +45,21 @@ async fn redis_sdk_survives_a_node_sigkill() {
 async fn redis_restarted_empty() {
     let mut c = Cluster::start(RedisServer::start());
     cluster::broker_restarted_empty(&mut c.broker, &c.nodes).await;
+}
+
+/// Presence in its own Redis: while that Redis is down the node is not ready (`/readyz`
+/// 503, though its broker is fine), and it is ready again once presence is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_presence_down_makes_the_node_not_ready() {
+    let broker = RedisServer::start();
+    let mut presence = RedisServer::start();
+    let nodes =
+        start_nodes(1, cluster::CONFIG, &broker.url(), &[("ROOMCAST_PRESENCE", presence.url().as_str())]);
+    wait_readyz(&nodes, 200, Duration::from_secs(10)).await;
+    presence.kill();
+    wait_readyz(&nodes, 503, Duration::from_secs(10)).await;
+    presence.restart_empty();
+    wait_readyz(&nodes, 200, Duration::from_secs(15)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
