@@ -25,6 +25,12 @@ use crate::ws::handshake::Negotiated;
 
 /// How long a closing connection may take to flush before it is dropped.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+/// How long a connection closed by the node keeps reading (and discarding) what the client
+/// still sends, until the client closes its side, and at most how many bytes. Dropping a
+/// socket with unread input makes the kernel answer with a reset, and the client may then
+/// lose the `disconnect` and close frame it has not read yet.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+const CLOSE_LINGER_BYTES: usize = 1 << 20;
 /// Largest coalesced uncompressed frame.
 const MAX_COALESCED: usize = 64 * 1024;
 
@@ -138,6 +144,8 @@ async fn run<R, W>(
     let mut reading = true;
     let mut close_sent = false;
     let mut shutdown_seen = false;
+    // The client's side is closed or broken: nothing to linger for.
+    let mut peer_gone = false;
 
     let now = Instant::now();
     let mut handshake_deadline = Some(now + Duration::from_millis(cfg.handshake_timeout_ms));
@@ -213,7 +221,10 @@ async fn run<R, W>(
                 session.outbound().close(CloseCode::Shutdown);
             }
             r = wr.write(&wbuf[wpos..]), if wpos < wbuf.len() => match r {
-                Ok(0) | Err(_) => break 'conn,
+                Ok(0) | Err(_) => {
+                    peer_gone = true;
+                    break 'conn;
+                }
                 Ok(n) => {
                     wpos += n;
                     if wpos == wbuf.len() {
@@ -227,7 +238,10 @@ async fn run<R, W>(
                 }
             },
             r = read_some(&mut rd, &mut rbuf), if reading => match r {
-                Ok(0) | Err(_) => break 'conn,
+                Ok(0) | Err(_) => {
+                    peer_gone = true;
+                    break 'conn;
+                }
                 Ok(_) => loop {
                     match reader.next(&mut rbuf) {
                         Ok(None) => {
@@ -322,7 +336,27 @@ async fn run<R, W>(
     session.outbound().shut();
     session.close().await;
     let _ = tokio::time::timeout(Duration::from_millis(500), wr.shutdown()).await;
+    if !peer_gone {
+        drop(rbuf);
+        linger(&mut rd).await;
+    }
     tracing::debug!("connection closed");
+}
+
+/// After the node's close frame and FIN: reads and discards what the client still sends
+/// until it closes its side ([`CLOSE_LINGER`], [`CLOSE_LINGER_BYTES`] at most), so that
+/// the socket is not dropped with unread input (see [`CLOSE_LINGER`]).
+async fn linger<R: AsyncRead + Unpin>(rd: &mut R) {
+    use tokio::io::AsyncReadExt as _;
+    let deadline = Instant::now() + CLOSE_LINGER;
+    let mut scratch = [0u8; 4096];
+    let mut total = 0usize;
+    while total < CLOSE_LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, rd.read(&mut scratch)).await {
+            Ok(Ok(n)) if n > 0 => total += n,
+            _ => return,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::connection;
 use crate::limits::LimitCounters;
 use crate::node::Node;
-use crate::ws::handshake::{self, DEFLATE_RESPONSE};
+use crate::ws::handshake::{self, DEFLATE_RESPONSE, DEFLATE_RESPONSE_WINDOW_BITS};
 
 /// The router of a node.
 pub fn router(node: Arc<Node>) -> Router {
@@ -85,6 +85,12 @@ async fn ws_upgrade(
     }
     let neg = match handshake::negotiate(req.headers(), node.config.compression) {
         Ok(n) => n,
+        Err(e @ handshake::HandshakeError::Version) => {
+            // RFC 6455 4.4: 426 with the version the server speaks.
+            let mut r = plain(StatusCode::UPGRADE_REQUIRED, format!("{e}\n"));
+            r.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, header::HeaderValue::from_static("13"));
+            return r;
+        }
         Err(e) => return plain(StatusCode::BAD_REQUEST, format!("{e}\n")),
     };
     // Limits, before anything is allocated for the connection.
@@ -121,7 +127,8 @@ async fn ws_upgrade(
         resp = resp.header(header::SEC_WEBSOCKET_PROTOCOL, p);
     }
     if neg.deflate {
-        resp = resp.header(header::SEC_WEBSOCKET_EXTENSIONS, DEFLATE_RESPONSE);
+        let answer = if neg.deflate_window_bits { DEFLATE_RESPONSE_WINDOW_BITS } else { DEFLATE_RESPONSE };
+        resp = resp.header(header::SEC_WEBSOCKET_EXTENSIONS, answer);
     }
     let task_node = node.clone();
     node.tasks.spawn(async move {

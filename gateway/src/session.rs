@@ -191,7 +191,16 @@ impl Session {
                     return Flow::Close(CloseCode::ProtocolViolation);
                 }
                 Ok(Err(rejection)) => {
-                    self.send(&ServerMessage::error(rejection.id, rejection.code, rejection.message));
+                    // Spec 2.1: before `connect`, anything else gets 113, even when malformed.
+                    if !self.connected && !rejection.is_connect {
+                        self.send(&ServerMessage::error(
+                            rejection.id,
+                            ErrorCode::NotConnected,
+                            "send connect first",
+                        ));
+                    } else {
+                        self.send(&ServerMessage::error(rejection.id, rejection.code, rejection.message));
+                    }
                 }
                 Ok(Ok(req)) => {
                     let flow = self.handle_request(req).await;
@@ -653,6 +662,8 @@ impl Session {
     }
 
     async fn unsubscribe(&mut self, room: Room) -> CmdResult {
+        // Spec 3: a namespace not configured gets 102, for every command naming a room.
+        self.namespace(&room)?;
         self.leave(&room).await;
         Ok(Some(Reply::Unsubscribed { room: room.to_string() }))
     }

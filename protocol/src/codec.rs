@@ -560,6 +560,9 @@ pub struct Rejection {
     pub id: Option<u32>,
     pub code: ErrorCode,
     pub message: String,
+    /// Whether the message was a `connect` (before `connect`, a rejected message of any
+    /// other type is answered 113, whatever was wrong with it).
+    pub is_connect: bool,
 }
 
 /// One field value, not yet interpreted.
@@ -892,7 +895,7 @@ pub fn decode_requests(enc: Encoding, frame: &[u8]) -> Vec<Result<Result<Request
             let (ty, id) = envelope(&f)?;
             Ok(command_from_fields(&ty, &f)
                 .map(|command| Request { id, command })
-                .map_err(|(code, message)| Rejection { id, code, message }))
+                .map_err(|(code, message)| Rejection { id, code, message, is_connect: ty == "connect" }))
         });
         let stop = item.is_err();
         out.push(item);

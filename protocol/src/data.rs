@@ -51,7 +51,18 @@ impl Data {
     }
 
     /// A payload from JSON text already validated by a JSON parser.
+    ///
+    /// Line breaks are turned into spaces: JSON frames separate messages with `\n`, so a
+    /// payload must be one line. Valid JSON has CR and LF only as whitespace between tokens
+    /// (inside strings they are escaped), so this changes no value.
     pub(crate) fn from_json_unchecked(text: Bytes) -> Self {
+        let text = if text.iter().any(|b| *b == b'\n' || *b == b'\r') {
+            Bytes::from(
+                text.iter().map(|b| if *b == b'\n' || *b == b'\r' { b' ' } else { *b }).collect::<Vec<u8>>(),
+            )
+        } else {
+            text
+        };
         let json = OnceLock::new();
         let _ = json.set(text);
         Data(Arc::new(Inner { json, msgpack: OnceLock::new() }))
@@ -332,6 +343,15 @@ pub(crate) fn write_json_str(out: &mut Vec<u8>, s: &str) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn json_payloads_are_one_line() {
+        let d = super::Data::from_json(&b"{\r\n  \"a\": [1,\n 2],\n  \"s\": \"x\\ny\"\n}"[..]).unwrap();
+        let text = d.json().unwrap().clone();
+        assert!(!text.contains(&b'\n') && !text.contains(&b'\r'), "{text:?}");
+        let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
+        assert_eq!(v, serde_json::json!({"a": [1, 2], "s": "x\ny"}));
+    }
+
     use super::*;
 
     #[test]

@@ -54,10 +54,14 @@ pub struct RawWs {
 /// response, and the connection when it was upgraded (101).
 pub async fn upgrade(addr: SocketAddr, extra: &[(&str, &str)]) -> (HttpResponse, Option<RawWs>) {
     let mut stream = within(RECV_TIMEOUT, "TCP connect", TcpStream::connect(addr)).await.expect("connect");
-    let mut req = format!(
-        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-    );
+    let mut req =
+        format!("GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n");
+    // The usual headers, unless `extra` gives its own.
+    for (k, v) in [("Sec-WebSocket-Version", "13"), ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")] {
+        if !extra.iter().any(|(e, _)| e.eq_ignore_ascii_case(k)) {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+    }
     for (k, v) in extra {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -157,6 +161,18 @@ impl RawWs {
                 _ => {}
             }
         }
+    }
+
+    /// Sends a masked text frame; `false` when the connection no longer takes writes.
+    pub async fn try_send_text(&mut self, text: &str) -> bool {
+        self.mask_seed = self.mask_seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        let mask = self.mask_seed.to_be_bytes();
+        let payload = text.as_bytes();
+        assert!(payload.len() < 126, "short frames only");
+        let mut out = vec![0x80 | OP_TEXT, 0x80 | payload.len() as u8];
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+        self.stream.write_all(&out).await.is_ok()
     }
 
     /// Sends a text frame.

@@ -191,6 +191,34 @@ async fn c4006_pong_timeout() {
     assert_node_serves(&url).await;
 }
 
+/// A client that keeps sending after what closes its connection still gets the
+/// `disconnect` push and the close code: the node reads (and discards) what follows until
+/// the client closes, instead of dropping the socket with unread input (the kernel would
+/// answer the next bytes with a reset, which destroys the close frame the client has not
+/// read yet).
+#[tokio::test]
+async fn close_survives_a_client_that_keeps_sending() {
+    let node = start_test_node(&[]);
+    for round in 0..3 {
+        let (_, ws) = raw::upgrade(node.addr, &[]).await;
+        let mut ws = ws.expect("upgraded");
+        ws.send_frame(raw::OP_BINARY, false, &[0]).await; // binary on a JSON connection: 4002
+        // A client busy sending for a while before it reads. Many client libraries give up
+        // on the connection at the first failed write, before they read the close frame
+        // that arrived: the node must not reset the connection meanwhile.
+        let mut pace = tokio::time::interval(Duration::from_millis(10));
+        for i in 0..30 {
+            pace.tick().await;
+            let sent = ws.try_send_text(&format!(r#"{{"type":"ping","id":{}}}"#, 100 + i)).await;
+            assert!(sent, "round {round}: write {i} after the close failed (connection reset)");
+        }
+        let (msgs, code) = ws.read_json_until_close().await;
+        assert_eq!(code, Some(4002), "round {round}: {msgs:?}");
+        assert_eq!(msgs.last().map(|m| m["code"].clone()), Some(json!(4002)), "round {round}: {msgs:?}");
+    }
+    assert_node_serves(&node.ws_url()).await;
+}
+
 /// SIGTERM the moment the node says it listens (what an orchestrator may do to a pod that
 /// just started): a graceful exit, not death by the signal's default action.
 #[tokio::test]
@@ -346,6 +374,20 @@ async fn upgrade_answers() {
         assert_eq!(resp.status, 101, "{offered}: {resp:?}");
         assert_eq!(resp.header("sec-websocket-protocol"), Some(chosen), "{offered}");
     }
+    // An unsupported WebSocket version: 426 naming the one spoken (RFC 6455 4.4).
+    let (resp, ws) = raw::upgrade(node.addr, &[("Sec-WebSocket-Version", "8")]).await;
+    assert!(ws.is_none());
+    assert_eq!(resp.status, 426, "{resp:?}");
+    assert_eq!(resp.header("sec-websocket-version"), Some("13"), "{resp:?}");
+    // A deflate offer naming server_max_window_bits gets it back (RFC 7692 7.1.2.1).
+    let (resp, _) = raw::upgrade(
+        node.addr,
+        &[("Sec-WebSocket-Extensions", "permessage-deflate; server_max_window_bits=15")],
+    )
+    .await;
+    assert_eq!(resp.status, 101, "{resp:?}");
+    let ext = resp.header("sec-websocket-extensions").unwrap_or_default();
+    assert!(ext.starts_with("permessage-deflate") && ext.contains("server_max_window_bits=15"), "{ext}");
     // tungstenite agrees (it fails a handshake whose answer names no offered protocol).
     for enc in [Enc::Json, Enc::Msgpack, Enc::NoSubprotocol] {
         TestClient::connected(&url, enc).await;

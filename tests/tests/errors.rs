@@ -54,6 +54,10 @@ async fn e113_before_connect_keeps_the_connection() {
             json!({"type": "publish", "room": "chat", "data": 1}),
             json!({"type": "history", "room": "chat"}),
             json!({"type": "presence", "room": "chat"}),
+            // Malformed or unknown: still 113 before connect (spec 2.1).
+            json!({"type": "subscribe", "room": "a b"}),
+            json!({"type": "publish", "room": "chat"}),
+            json!({"type": "frobnicate"}),
         ] {
             expect_error(&mut c, cmd, 113).await;
         }
@@ -78,6 +82,7 @@ async fn e102_e103_e104_e105_namespaces_permissions_types() {
             json!({"type": "history", "room": format!("nope:{s}")}),
             json!({"type": "presence", "room": format!("nope:{s}")}),
             json!({"type": "presence_stats", "room": format!("nope:{s}")}),
+            json!({"type": "unsubscribe", "room": format!("nope:{s}")}),
         ] {
             expect_error(&mut c, cmd, 102).await;
         }

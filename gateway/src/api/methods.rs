@@ -145,7 +145,7 @@ impl Body {
 }
 
 /// Decodes a request body. An empty body is an empty map (`info` needs no field). A `null`
-/// field counts as absent.
+/// field counts as absent, except `data`, where `null` is the payload.
 pub fn decode_body(enc: BodyEncoding, body: &[u8]) -> Result<Body, BodyError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Body::default());
@@ -163,7 +163,8 @@ pub fn decode_body(enc: BodyEncoding, body: &[u8]) -> Result<Body, BodyError> {
                     .map_err(|e| BodyError::Json(e.to_string()))?
                     .0;
             for (k, v) in map {
-                if v.get() == "null" {
+                // `data: null` is a payload like any other.
+                if v.get() == "null" && k != "data" {
                     continue;
                 }
                 if k == "data" {
@@ -191,7 +192,7 @@ pub fn decode_body(enc: BodyEncoding, body: &[u8]) -> Result<Body, BodyError> {
                     Err(e) => return Err(BodyError::Msgpack(e.to_string())),
                 };
                 let raw = rd.value(1).map_err(|e| BodyError::Msgpack(e.to_string()))?;
-                if raw.first() == Some(&0xc0) {
+                if raw.first() == Some(&0xc0) && key != "data" {
                     continue;
                 }
                 let field =
@@ -589,6 +590,14 @@ mod tests {
             assert_eq!(b.data().unwrap(), Data::from_serialize(&json!({"a": [1, 2]})).unwrap());
             let r: RoomReq = b.parse().unwrap();
             assert_eq!(r.room, "chat");
+        }
+        // `data: null` is a payload, not an absent field.
+        let v = json!({"room": "chat", "data": null});
+        for (enc, bytes) in
+            [(BodyEncoding::Json, serde_json::to_vec(&v).unwrap()), (BodyEncoding::Msgpack, mp(&v))]
+        {
+            let b = decode_body(enc, &bytes).unwrap();
+            assert_eq!(b.data().unwrap(), Data::from_serialize(&Value::Null).unwrap(), "{enc:?}");
         }
         assert!(decode_body(BodyEncoding::Json, b"").unwrap().fields.is_empty());
         assert_eq!(decode_body(BodyEncoding::Json, b"[1]").unwrap_err(), BodyError::NotAMap);

@@ -11,8 +11,12 @@ const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// The answer to the extension offer sent back to the client.
 pub const DEFLATE_RESPONSE: &str =
     "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+/// The same, to an offer that named `server_max_window_bits` (RFC 7692 7.1.2.1: a server
+/// accepting that parameter includes it in its response).
+pub const DEFLATE_RESPONSE_WINDOW_BITS: &str =
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=15";
 
-/// Why an upgrade request was refused (HTTP 400 with this text).
+/// Why an upgrade request was refused (HTTP 400 with this text; 426 for the version).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum HandshakeError {
     #[error("not a WebSocket upgrade request")]
@@ -33,6 +37,8 @@ pub struct Negotiated {
     pub subprotocol: Option<&'static str>,
     /// permessage-deflate is on.
     pub deflate: bool,
+    /// The accepted deflate offer named `server_max_window_bits` (so must the response).
+    pub deflate_window_bits: bool,
     /// The `Sec-WebSocket-Accept` value.
     pub accept: String,
 }
@@ -87,13 +93,19 @@ pub fn negotiate(headers: &HeaderMap, compression: bool) -> Result<Negotiated, H
         (enc, Some(enc.subprotocol()))
     };
 
-    let deflate = compression && offers_acceptable_deflate(headers);
-    Ok(Negotiated { encoding, subprotocol, deflate, accept })
+    let accepted = if compression { acceptable_deflate_offer(headers) } else { None };
+    Ok(Negotiated {
+        encoding,
+        subprotocol,
+        deflate: accepted.is_some(),
+        deflate_window_bits: accepted == Some(true),
+        accept,
+    })
 }
 
-/// Whether any permessage-deflate offer can be accepted with no context takeover and
-/// a 15-bit window.
-fn offers_acceptable_deflate(headers: &HeaderMap) -> bool {
+/// The first permessage-deflate offer that can be accepted with no context takeover and
+/// a 15-bit window: `Some(named_server_max_window_bits)`, or `None` when there is none.
+fn acceptable_deflate_offer(headers: &HeaderMap) -> Option<bool> {
     let offers = headers
         .get_all("sec-websocket-extensions")
         .iter()
@@ -106,6 +118,7 @@ fn offers_acceptable_deflate(headers: &HeaderMap) -> bool {
             continue;
         }
         let mut ok = true;
+        let mut window_bits = false;
         for p in parts {
             let (name, value) = match p.split_once('=') {
                 Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
@@ -114,15 +127,18 @@ fn offers_acceptable_deflate(headers: &HeaderMap) -> bool {
             match name {
                 "server_no_context_takeover" | "client_no_context_takeover" | "client_max_window_bits" => {}
                 // The compressor always uses a 15-bit window.
-                "server_max_window_bits" => ok &= value == Some("15"),
+                "server_max_window_bits" => {
+                    ok &= value == Some("15");
+                    window_bits = true;
+                }
                 _ => ok = false,
             }
         }
         if ok {
-            return true;
+            return Some(window_bits);
         }
     }
-    false
+    None
 }
 
 #[cfg(test)]
@@ -167,5 +183,10 @@ mod tests {
         assert!(!on("permessage-deflate; server_max_window_bits=10"));
         assert!(!on("x-webkit-deflate-frame"));
         assert!(!negotiate(&req(None, Some("permessage-deflate")), false).unwrap().deflate);
+        // An accepted server_max_window_bits is echoed (RFC 7692 7.1.2.1).
+        let n = negotiate(&req(None, Some("permessage-deflate; server_max_window_bits=15")), true).unwrap();
+        assert!(n.deflate && n.deflate_window_bits);
+        let n = negotiate(&req(None, Some("permessage-deflate; client_max_window_bits")), true).unwrap();
+        assert!(n.deflate && !n.deflate_window_bits);
     }
 }
