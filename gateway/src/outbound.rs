@@ -79,6 +79,9 @@ struct State {
     custom: Option<Disconnect>,
     /// No more messages are taken (the writer is closing or gone).
     closed: bool,
+    /// Set by [`Outbound::hold`]: messages from this index on wait in the queue until
+    /// [`Outbound::release`] puts the held reply in front of them.
+    hold: Option<usize>,
 }
 
 impl Outbound {
@@ -88,7 +91,13 @@ impl Outbound {
 
     /// Queues a message.
     pub fn push(&self, m: Arc<Encoded>) -> Pushed {
-        let mut s = self.state.lock();
+        let s = self.state.lock();
+        let at = s.queue.len();
+        self.insert(s, at, m)
+    }
+
+    /// Queues `m` at index `at` of the queue (the end, or a released hold).
+    fn insert(&self, mut s: parking_lot::MutexGuard<'_, State>, at: usize, m: Arc<Encoded>) -> Pushed {
         if s.closed || s.close.is_some() {
             return Pushed::Closed;
         }
@@ -97,19 +106,48 @@ impl Outbound {
             // Free the memory now; the writer sends 4003.
             s.queue = VecDeque::new();
             s.bytes = 0;
+            s.hold = s.hold.map(|_| 0);
             s.close = Some(CloseCode::SlowConsumer);
             drop(s);
             self.notify.notify_one();
             return Pushed::Overflow;
         }
-        let wake = s.queue.is_empty();
+        // The writer takes only what comes before a hold: wake it when that part stops
+        // being empty.
+        let takeable_before = s.hold.map_or(s.queue.len(), |h| h.min(s.queue.len()));
+        let wake = takeable_before == 0 && s.hold.is_none_or(|h| at < h);
         s.bytes += len;
-        s.queue.push_back(m);
+        let at = at.min(s.queue.len());
+        s.queue.insert(at, m);
         drop(s);
         if wake {
             self.notify.notify_one();
         }
         Pushed::Queued
+    }
+
+    /// Holds back every message queued from now on until [`Outbound::release`]: a command
+    /// whose reply must precede what its own effect delivers to this connection (a
+    /// publisher's `published` before its copy of the publication) holds the queue while
+    /// it runs. The writer meanwhile sends what was queued before.
+    pub fn hold(&self) {
+        let mut s = self.state.lock();
+        if s.hold.is_none() {
+            s.hold = Some(s.queue.len());
+        }
+    }
+
+    /// Ends a hold: `first` (the reply) goes before the messages held back.
+    pub fn release(&self, first: Option<Arc<Encoded>>) {
+        let mut s = self.state.lock();
+        let at = s.hold.take().unwrap_or(s.queue.len()).min(s.queue.len());
+        if let Some(m) = first {
+            self.insert(s, at, m);
+        } else {
+            drop(s);
+        }
+        // Anything held is now takeable.
+        self.notify.notify_one();
     }
 
     /// Asks the writer to flush what is queued, then send `disconnect` and close with
@@ -145,11 +183,24 @@ impl Outbound {
         self.state.lock().close
     }
 
-    /// Takes everything queued, and the close request (which stays set).
+    /// Takes everything queued (but what a hold keeps back), and the close request
+    /// (which stays set).
     pub fn take(&self) -> (VecDeque<Arc<Encoded>>, Option<CloseCode>) {
         let mut s = self.state.lock();
-        s.bytes = 0;
-        (std::mem::take(&mut s.queue), s.close)
+        match s.hold {
+            None => {
+                s.bytes = 0;
+                (std::mem::take(&mut s.queue), s.close)
+            }
+            Some(h) => {
+                let h = h.min(s.queue.len());
+                let rest = s.queue.split_off(h);
+                let head = std::mem::replace(&mut s.queue, rest);
+                s.bytes -= head.iter().map(|m| m.raw.len()).sum::<usize>();
+                s.hold = Some(0);
+                (head, s.close)
+            }
+        }
     }
 
     /// Whether messages are waiting.
@@ -163,6 +214,7 @@ impl Outbound {
         s.closed = true;
         s.queue = VecDeque::new();
         s.bytes = 0;
+        s.hold = None;
     }
 
     /// Resolves when something was queued or a close requested since the last wake-up.
@@ -173,6 +225,25 @@ impl Outbound {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_hold_keeps_later_messages_behind_the_released_reply() {
+        let q = super::Outbound::new(1 << 20);
+        let m = |t: &'static str| super::Encoded::new(bytes::Bytes::from_static(t.as_bytes()));
+        let texts = |v: std::collections::VecDeque<std::sync::Arc<super::Encoded>>| {
+            v.iter().map(|e| String::from_utf8_lossy(e.raw()).to_string()).collect::<Vec<_>>()
+        };
+        q.push(m("before"));
+        q.hold();
+        q.push(m("publication"));
+        assert_eq!(texts(q.take().0), ["before"]);
+        assert_eq!(texts(q.take().0), Vec::<String>::new());
+        q.push(m("ping"));
+        q.release(Some(m("published")));
+        assert_eq!(texts(q.take().0), ["published", "publication", "ping"]);
+        q.push(m("after"));
+        assert_eq!(texts(q.take().0), ["after"]);
+    }
+
     use super::*;
 
     fn msg(n: usize) -> Arc<Encoded> {

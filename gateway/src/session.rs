@@ -240,6 +240,12 @@ impl Session {
             self.send(&ServerMessage::error(id, ErrorCode::NotConnected, "send connect first"));
             return Flow::Continue;
         }
+        // A publisher's `published` reply goes before its own copy of the publication
+        // (which the memory broker delivers while the publish runs).
+        let held = matches!(req.command, Command::Publish { .. });
+        if held {
+            self.handle.outbound.hold();
+        }
         let result = match req.command {
             Command::Connect { token, .. } => return self.connect(id, token).await,
             Command::Subscribe { room, token, recover, presence } => {
@@ -269,10 +275,22 @@ impl Session {
                 Ok(None)
             }
         };
-        match result {
-            Ok(Some(reply)) => self.send(&ServerMessage::Reply { id, reply }),
-            Ok(None) => {}
-            Err(Failure(code, message)) => self.send(&ServerMessage::error(id, code, message)),
+        let msg = match result {
+            Ok(Some(reply)) => Some(ServerMessage::Reply { id, reply }),
+            Ok(None) => None,
+            Err(Failure(code, message)) => Some(ServerMessage::error(id, code, message)),
+        };
+        if held {
+            let encoded = msg.and_then(|m| match m.encode(self.handle.encoding) {
+                Ok(b) => Some(Encoded::new(b)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode a reply");
+                    None
+                }
+            });
+            self.handle.outbound.release(encoded);
+        } else if let Some(m) = msg {
+            self.send(&m);
         }
         Flow::Continue
     }

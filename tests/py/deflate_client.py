@@ -52,8 +52,9 @@ async def main(url):
         assert sub["type"] == "subscribed", sub
         payload = {"text": "roomcast " * 200, "items": list(range(100))}
         await ws.send(json.dumps({"type": "publish", "id": 3, "room": "py", "data": payload}))
-        publication = await recv_until(ws, lambda m: m["type"] == "publication", seen)
+        # The node sends the reply first, then the publisher's own copy.
         published = await recv_until(ws, lambda m: m.get("id") == 3, seen)
+        publication = await recv_until(ws, lambda m: m["type"] == "publication", seen)
         assert published["type"] == "published", published
         print(
             json.dumps(

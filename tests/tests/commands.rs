@@ -461,3 +461,28 @@ async fn msgpack_bin_data_reaches_json_as_base64() {
     let h = js.request(json!({"type": "history", "room": "bin"})).await;
     assert_eq!(h["publications"][0]["data"], "AQID");
 }
+
+/// A subscribed publisher gets its `published` reply before its own copy of the
+/// publication (a client waiting for the reply to its id never has to set a push aside).
+#[tokio::test]
+async fn published_reply_comes_before_the_publishers_copy() {
+    let node = start_test_node(&[]);
+    for enc in Enc::BOTH {
+        let mut c = TestClient::connected(&node.ws_url(), enc).await;
+        let room = format!("order-{enc:?}").to_lowercase();
+        let r = c.request(json!({"type": "subscribe", "room": room})).await;
+        assert_eq!(r["type"], "subscribed", "{r}");
+        for i in 0..20 {
+            c.send(json!({"type": "publish", "id": 1000 + i, "room": room, "data": {"i": i}})).await;
+            let first = c.recv().await;
+            assert_eq!(
+                (first["type"].clone(), first["id"].clone()),
+                (json!("published"), json!(1000 + i)),
+                "{enc:?}: {first}"
+            );
+            let second = c.recv().await;
+            assert_eq!(second["type"], "publication", "{enc:?}: {second}");
+            assert_eq!(second["data"], json!({"i": i}), "{enc:?}: {second}");
+        }
+    }
+}
