@@ -68,9 +68,12 @@ pub struct Node {
     cluster_stop: CancellationToken,
     /// Where client `rpc` calls go; `None` when the node has no API NATS server.
     pub rpc: Option<RpcTarget>,
-    /// False from a failed presence heartbeat until the next one that goes through: the
-    /// presence backend is unreachable, so the node is not ready (`/readyz` 503).
-    presence_ok: std::sync::atomic::AtomicBool,
+    /// When the last presence heartbeat went through (ms since `started`). Older than
+    /// [`Node::presence_stale_after`] (heartbeats failing or hanging): the presence backend
+    /// is unreachable and the node is not ready (`/readyz` 503).
+    presence_ok_at: std::sync::atomic::AtomicU64,
+    /// When the node was made (the origin of `presence_ok_at`).
+    started: std::time::Instant,
 }
 
 impl std::fmt::Debug for Node {
@@ -267,7 +270,8 @@ impl Node {
             limits,
             cluster_stop: CancellationToken::new(),
             rpc,
-            presence_ok: std::sync::atomic::AtomicBool::new(true),
+            presence_ok_at: std::sync::atomic::AtomicU64::new(0),
+            started: std::time::Instant::now(),
         });
         tokio::spawn(run_broker_control(Arc::downgrade(&node.hub), node.broker.clone(), control));
         tokio::spawn(run_cluster(Arc::downgrade(&node), node.cluster_stop.clone()));
@@ -352,9 +356,23 @@ impl Node {
     /// Whether the node can take traffic: not shutting down, its broker connected, and its
     /// last presence heartbeat went through.
     pub fn is_ready(&self) -> bool {
+        let since_ok = (self.started.elapsed().as_millis() as u64)
+            .saturating_sub(self.presence_ok_at.load(std::sync::atomic::Ordering::Relaxed));
         !self.shutdown.is_cancelled()
             && self.broker.is_ready()
-            && self.presence_ok.load(std::sync::atomic::Ordering::Relaxed)
+            && Duration::from_millis(since_ok) <= self.presence_stale_after()
+    }
+
+    /// How long without a successful presence heartbeat makes the node not ready: three
+    /// heartbeats, at least 2 s.
+    fn presence_stale_after(&self) -> Duration {
+        Duration::from_millis(self.config.heartbeat_ms.saturating_mul(3).max(2_000))
+    }
+
+    /// Notes a presence heartbeat that went through.
+    fn presence_ok_now(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.presence_ok_at.store(now, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Starts shutting down: connections are told 4000 and the listener stops.
@@ -440,15 +458,14 @@ async fn run_cluster(node: std::sync::Weak<Node>, stop: CancellationToken) {
                 if failing {
                     tracing::info!("presence heartbeats go through again");
                     failing = false;
-                    node.presence_ok.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
+                node.presence_ok_now();
                 last_ok = tokio::time::Instant::now();
             }
             Err(e) => {
                 if !failing {
                     tracing::warn!(error = %e, "presence heartbeat failed; not ready until it goes through");
                     failing = true;
-                    node.presence_ok.store(false, std::sync::atomic::Ordering::Relaxed);
                 }
                 continue;
             }
