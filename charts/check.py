@@ -485,16 +485,14 @@ def run_node(binary: Path, objs: dict[str, list[dict]], r: Report) -> None:
                 _, err = proc.communicate(timeout=10)
                 r.fail(f"node refused the rendered configuration: {err.strip()[-500:]}")
                 return
-            # The routes a deployment uses (probes, scraping). This also gives the node a
-            # moment to install its SIGTERM handler, which happens just after it prints
-            # the listening line.
+            # The routes a deployment uses (probes, scraping). The node handles SIGTERM
+            # from before it prints the listening line.
             base = "http://" + line.split("ws://", 1)[1].split("/", 1)[0]
             got = {path: http_get(base + path) for path in ("/healthz", "/readyz", "/metrics")}
             r.check(got["/healthz"][0] == 200 and got["/readyz"][0] == 200
                     and "roomcast_ready 1" in got["/metrics"][1],
                     "node answers /healthz 200, /readyz 200, /metrics with roomcast_ready 1: "
                     + ", ".join(f"{p} {c}" for p, (c, _) in got.items()))
-            time.sleep(0.2)
             proc.send_signal(signal.SIGTERM)
             try:
                 code = proc.wait(timeout=15)

@@ -225,6 +225,8 @@ impl Outbound {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn a_hold_keeps_later_messages_behind_the_released_reply() {
         let q = super::Outbound::new(1 << 20);
@@ -243,8 +245,6 @@ mod tests {
         q.push(m("after"));
         assert_eq!(texts(q.take().0), ["after"]);
     }
-
-    use super::*;
 
     fn msg(n: usize) -> Arc<Encoded> {
         Encoded::new(Bytes::from(vec![b'x'; n]))
